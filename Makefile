@@ -1,0 +1,58 @@
+# Two entry points for a fresh Debian 12 machine (run as root): `make demo` and `make test`.
+# Both install what they need and are idempotent: a second run reuses the venv and the data.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev slurm-wlm munge chromium
+DEMO_DATA := data/digits
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test bench mlflow-ui install apt clean-runs
+
+install: $(STAMP)
+
+# apt only when a package is missing, so a second run does not touch the network.
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "apt: installing $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+# torch is pinned with the torchvision it was built with (timm needs torchvision; the local
+# CPU-only torch wheel cannot load it). FFCV compiles against turbojpeg/OpenCV from apt and
+# needs numpy present at build time, hence no build isolation for it.
+$(STAMP): pyproject.toml | apt
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "torch==2.14.*" "torchvision==0.29.*"
+	$(PY) -m pip install -q numpy pkgconfig cython "pillow" "opencv-python-headless"
+	$(PY) -m pip install -q --no-build-isolation "ffcv==1.0.2"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+$(DEMO_DATA)/train.beton: | $(STAMP)
+	$(PY) -m data_pipelines.build digits --out $(DEMO_DATA)
+
+demo: $(STAMP) $(DEMO_DATA)/train.beton
+	$(PY) -m train --config configs/demo_digits.yaml data.path=$(DEMO_DATA)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
+# MLflow UI over the runs' SQLite store (127.0.0.1 only).
+MLFLOW_PORT ?= 5000
+mlflow-ui: $(STAMP)
+	@mkdir -p runs
+	@echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)"
+	$(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	  --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db \
+	  --default-artifact-root $(CURDIR)/runs/mlartifacts
+
+clean-runs:
+	rm -rf runs

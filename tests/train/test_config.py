@@ -1,0 +1,52 @@
+"""The one config schema: YAML + overrides merge, and every user mistake is one clear line."""
+import pytest
+
+from train.config import ConfigError, changed_keys, config_hash, load_config, to_dict
+
+DEMO = "configs/demo_digits.yaml"
+
+
+def test_yaml_and_overrides_merge_into_typed_config():
+    cfg = load_config(DEMO, ["optim.lr=0.05", "model.T=6", "model.neuron.reset=soft"])
+    assert cfg.optim.lr == 0.05 and isinstance(cfg.optim.lr, float)
+    assert cfg.model.T == 6
+    assert to_dict(cfg)["model"]["neuron"]["reset"] == "soft"
+    assert cfg.run.name == "demo-digits"          # from the YAML
+    assert cfg.train.keep_checkpoints == 3        # from the schema default
+
+
+@pytest.mark.parametrize("override, names", [
+    (["optim.lrr=0.1"], "optim.lrr"),
+    (["model.T=four"], "model.T"),
+    (["train.strategy=horovod"], "train.strategy"),
+    (["model.neuron.reset=sometimes"], "model.neuron.reset"),
+    (["optim.lr"], "key=value"),
+])
+def test_bad_override_names_the_key(override, names):
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
+        load_config(DEMO, override)
+
+
+def test_invalid_choice_lists_allowed_values():
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO, ["train.precision=fp8"])
+    assert "fp32" in str(e.value) and "bf16" in str(e.value)
+
+
+def test_missing_config_file_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_unknown_key_in_yaml_is_rejected(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        load_config(bad)
+
+
+def test_changed_keys_and_hash_follow_the_values():
+    a, b = load_config(DEMO), load_config(DEMO, ["optim.epochs=20"])
+    assert changed_keys(to_dict(a), to_dict(b)) == ["optim.epochs"]
+    assert config_hash(a) != config_hash(b)
+    assert config_hash(a) == config_hash(load_config(DEMO))

@@ -1,0 +1,5 @@
+import sys
+
+from train.engine import main
+
+sys.exit(main())

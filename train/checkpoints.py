@@ -1,0 +1,90 @@
+"""The one owner of checkpoint files: atomic save, newest-K retention, skip what is unreadable.
+
+A checkpoint is `<run_dir>/checkpoints/step-<global step>.pt`, a plain dict of tensors and
+Python scalars so it loads with `weights_only=True`. It is written to a `.tmp` name, fsynced and
+renamed, so a crash never leaves a half-written file under a real name; a file that is corrupt
+anyway (disk full, truncated copy) is skipped on load with a warning and the previous one used.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+_NAME = re.compile(r"^step-(\d+)\.pt$")
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, keep: int = 3):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep = max(1, keep)
+
+    def paths(self) -> list[Path]:
+        """Complete checkpoints, newest first."""
+        if not self.dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := _NAME.match(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def save(self, state: dict[str, Any], step: int) -> Path:
+        """Write `state` as the checkpoint of global step `step`; keep the newest K."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.dir / f"step-{step:09d}.pt"
+        tmp = final.with_suffix(".pt.tmp")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(self.dir)
+        for old in self.paths()[self.keep:]:
+            old.unlink(missing_ok=True)
+        return final
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
+        """The newest checkpoint that loads, or None; unreadable ones are skipped with a warning."""
+        for path in self.paths():
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True), path
+            except Exception as e:  # truncated zip, bad pickle, ...: all mean "not usable"
+                warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
+                              "falling back to the previous one", stacklevel=2)
+        return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG this process draws from, as weights_only-loadable values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.copy()), "pos": pos,
+                  "has_gauss": has_gauss, "gauss": gauss},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

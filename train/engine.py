@@ -1,0 +1,345 @@
+"""`python -m train`: build everything from the config, then one plain loop.
+
+The step reads top to bottom — forward, loss, backward, step, log — and the strategy
+(single/DDP/DeepSpeed) hides how. Checkpoints are the unit of reliability: one is written every
+`train.checkpoint_every_steps`, at each epoch end and when SIGTERM/SIGUSR2 arrives (then the run
+exits with `REQUEUE_EXIT_CODE` so a launcher requeues it); a rerun of the same run directory
+resumes from the newest one, in the same MLflow run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+import models  # noqa: F401  (registers the spiking networks with timm)
+from data_pipelines.loaders import DataError, create_loader
+from models import firing_counts, firing_report, reset_firing_counts, set_firing_recording
+from train import distributed
+from train.checkpoints import Checkpointer, rng_state, set_rng_state
+from train.config import Config, ConfigError, changed_keys, config_hash, flat_items, load_config, to_dict, to_yaml
+from train.strategies import build_strategy
+from train.tracking import Tracker, resolve_uri
+
+REQUEUE_EXIT_CODE = 3   # "stopped on purpose after saving: requeue me"
+USER_ERROR_EXIT_CODE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m train --config FILE [key=value ...]`; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML experiment file (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=0.05")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return run(cfg, cli_keys={o.partition("=")[0] for o in args.overrides})
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+
+
+def run(cfg: Config, cli_keys: set[str] = frozenset()) -> int:
+    env = distributed.setup(cfg.train.strategy, cfg.train.device)
+    try:
+        return Trainer(cfg, env, cli_keys).fit()
+    finally:
+        distributed.teardown()
+
+
+class StopSignal:
+    """SIGTERM/SIGUSR2 only set a flag: the loop saves at the next step boundary, then exits."""
+
+    def __init__(self):
+        self.received: str | None = None
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR2):
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+
+def build_model(cfg: Config, meta: dict[str, Any]) -> nn.Module:
+    name = cfg.model.name
+    if name not in timm.list_models("spiking_*"):
+        known = ", ".join(timm.list_models("spiking_*"))
+        raise ConfigError(f"config key 'model.name': unknown model {name!r}; registered: {known}")
+    model = timm.create_model(name, T=cfg.model.T, neuron=cfg.model.neuron,
+                              num_classes=cfg.model.num_classes or meta["num_classes"],
+                              in_chans=cfg.model.in_chans or meta["in_chans"])
+    if cfg.train.checkpointing == "blocks":
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            # 1-d tensors are tdBN scales/shifts, biases, thresholds and decays.
+            (no_decay if o.no_decay_norm_bias and p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.betas_1, o.betas_2))
+
+
+def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
+    """Linear warmup to `optim.lr`, then cosine to `optim.min_lr`, stepped per optimizer step."""
+    o = cfg.optim
+    total = max(1, o.epochs * steps_per_epoch)
+    warmup = int(o.warmup_epochs * steps_per_epoch)
+    floor = o.min_lr / o.lr if o.lr > 0 else 0.0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: distributed.DistEnv, cli_keys: set[str]):
+        self.cfg, self.env, self.cli_keys = cfg, env, cli_keys
+        self.run_dir = Path(cfg.run.root) / cfg.run.name
+        torch.manual_seed(cfg.run.seed)
+        if cfg.run.deterministic:
+            torch.use_deterministic_algorithms(True)
+        loader_args = dict(rank=env.rank, world_size=env.world_size, seed=cfg.run.seed, device=env.device)
+        self.train_loader = create_loader(cfg.data, "train", **loader_args)
+        self.val_loader = create_loader(cfg.data, "val", **loader_args)
+        self.model = build_model(cfg, self.train_loader.meta).to(env.device)
+        self.steps_per_epoch = self.train_loader.batches_per_epoch // cfg.optim.accumulate
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"config key 'data.batch_size': {cfg.data.batch_size} x {env.world_size} ranks "
+                              f"x accumulate {cfg.optim.accumulate} exceeds the training set "
+                              f"({self.train_loader.samples_per_epoch} samples)")
+        optimizer = build_optimizer(cfg, self.model)
+        scheduler = build_scheduler(cfg, optimizer, self.steps_per_epoch)
+        self.strategy = build_strategy(cfg, env, self.model, optimizer, scheduler)
+        self.ckpt = Checkpointer(self.run_dir, cfg.train.keep_checkpoints)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        # What a checkpoint carries besides model/optimizer/scheduler/scaler.
+        self.epoch, self.batch, self.global_step = 0, 0, 0
+        self.best_top1, self.nonfinite_total = -1.0, 0
+        self.firing_history: dict[int, dict[str, float]] = {}
+
+    # ----------------------------------------------------------------------------- state
+    def client_state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch, "global_step": self.global_step,
+                "rng": distributed.all_gather_object(rng_state()),
+                "loader_seed": self.cfg.run.seed, "mlflow_run_id": self.tracker.run_id,
+                "config": to_dict(self.cfg), "config_hash": config_hash(self.cfg),
+                "best_top1": self.best_top1, "nonfinite_total": self.nonfinite_total,
+                "firing_history": self.firing_history}
+
+    def save(self) -> None:
+        self.strategy.save(self.ckpt, self.global_step, self.client_state())
+        distributed.barrier()
+
+    def resume(self) -> str | None:
+        """Load the newest valid checkpoint if any; returns its MLflow run id."""
+        state = self.strategy.load(self.ckpt) if self.cfg.train.resume == "auto" else None
+        if state is None:
+            return None
+        differ = [k for k in changed_keys(state["config"], to_dict(self.cfg)) if k not in self.cli_keys]
+        if differ:
+            raise ConfigError(
+                f"{self.run_dir} was started with a different config ({', '.join(differ)}); name these keys "
+                "on the command line to accept the change, or choose a new run.name")
+        self.epoch, self.batch, self.global_step = state["epoch"], state["batch"], state["global_step"]
+        self.best_top1, self.nonfinite_total = state["best_top1"], state["nonfinite_total"]
+        self.firing_history = {int(k): v for k, v in state["firing_history"].items()}
+        rngs = state["rng"]
+        set_rng_state(rngs[self.env.rank] if self.env.rank < len(rngs) else rngs[0])
+        log(self.env, f"resumed from {self.ckpt.paths()[0].name}: epoch {self.epoch}, batch {self.batch}, "
+                      f"step {self.global_step}")
+        return state["mlflow_run_id"]
+
+    # ----------------------------------------------------------------------------- loop
+    def fit(self) -> int:
+        cfg, env = self.cfg, self.env
+        run_id = self.resume()
+        final = self.run_dir / "final_metrics.json"
+        if self.epoch >= cfg.optim.epochs and final.exists():
+            top1 = json.loads(final.read_text()).get("val/top1", float("nan"))
+            log(env, f"run already complete ({self.epoch} epochs; raise optim.epochs to train on)")
+            self.summary(top1, run_id)
+            return 0
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        n = cfg.model.neuron
+        tags = {"model": cfg.model.name, "dataset": cfg.data.dataset, "T": str(cfg.model.T),
+                "neuron": f"{'lif' if n.leak else 'if'}-reset_{_value(n.reset)}-rec_{_value(n.recurrence)}",
+                "strategy": cfg.train.strategy, "precision": cfg.train.precision}
+        self.tracker = Tracker.start(cfg.tracking, runs_root=Path(cfg.run.root), run_dir=self.run_dir,
+                                     run_name=cfg.run.name, run_id=run_id, enabled=env.is_main, tags=tags)
+        if run_id is None:
+            self.tracker.log_params({**flat_items(to_dict(cfg)), "world_size": env.world_size,
+                                     "device": str(env.device), "torch": torch.__version__})
+            self.tracker.log_artifact(self.run_dir / "config.yaml")
+        stop = StopSignal()
+        try:
+            for epoch in range(self.epoch, cfg.optim.epochs):
+                self.epoch = epoch
+                if self.train_epoch(stop) == "stopped":
+                    log(env, f"{stop.received or 'stop'}: checkpoint saved at step {self.global_step}; exiting "
+                             f"with {REQUEUE_EXIT_CODE} for requeue")
+                    self.tracker.close(status="KILLED")
+                    return REQUEUE_EXIT_CODE
+                if self.nonfinite_run >= cfg.train.max_nonfinite_steps:
+                    log(env, f"{self.nonfinite_run} non-finite losses in a row: stopping; the last good "
+                             f"checkpoint is kept in {self.ckpt.dir}")
+                    self.tracker.close(status="FAILED")
+                    return 1
+                self.end_epoch(epoch)
+            self.finish()
+        except BaseException:
+            self.tracker.close(status="FAILED")
+            raise
+        self.tracker.close()
+        return 0
+
+    def train_epoch(self, stop: StopSignal) -> str:
+        cfg, s = self.cfg, self.strategy
+        accumulate = cfg.optim.accumulate
+        last_batch = self.steps_per_epoch * accumulate  # leftover micro-batches would break alignment
+        self.model.train()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # loss sum, correct, n
+        self.nonfinite_run, tick, seen = 0, time.perf_counter(), 0
+        for i, (x, y) in enumerate(self.train_loader.iterate(self.epoch, self.batch), start=self.batch):
+            if i >= last_batch:
+                break
+            boundary = (i + 1) % accumulate == 0
+            with s.forward_context(boundary):
+                logits = s.model(s.prepare_input(x))
+                loss = self.criterion(logits.float(), y)
+            if not self.all_finite(loss):
+                self.nonfinite_run += 1
+                self.nonfinite_total += 1
+                s.zero_grad()
+                if self.nonfinite_run >= cfg.train.max_nonfinite_steps:
+                    return "failed"
+                continue
+            self.nonfinite_run = 0
+            s.backward(loss)
+            totals += torch.stack([loss.detach().double() * len(y),
+                                   (logits.argmax(1) == y).sum().double(), torch.tensor(len(y), dtype=torch.float64,
+                                                                                        device=y.device)])
+            seen += len(y)
+            self.batch = i + 1
+            if not boundary:
+                continue
+            stats = s.step()
+            self.global_step += 1
+            if self.global_step % max(1, cfg.tracking.log_every_steps) == 0:
+                elapsed = time.perf_counter() - tick
+                self.tracker.log_metrics({"train/step_loss": float(loss.detach()), "train/lr": s.scheduler.get_last_lr()[0],
+                                          "train/images_per_s": seen * self.env.world_size / elapsed,
+                                          "train/nonfinite_steps": self.nonfinite_total, **stats}, self.global_step)
+                tick, seen = time.perf_counter(), 0
+            every = cfg.train.checkpoint_every_steps
+            if stop.received or (every and self.global_step % every == 0):
+                self.save()
+            if stop.received:
+                return "stopped"
+        distributed.all_reduce_sum(totals)
+        self.train_totals = totals
+        return "done"
+
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        """All ranks agree, so none of them runs a backward the others skip."""
+        flag = torch.isfinite(loss.detach()).double().reshape(1)
+        return bool(distributed.all_reduce_sum(flag).item() == self.env.world_size)
+
+    def end_epoch(self, epoch: int) -> None:
+        metrics = self.evaluate()
+        loss_sum, correct, n = self.train_totals.tolist()
+        if n:
+            metrics.update({"train/loss": loss_sum / n, "train/top1": correct / n})
+        self.firing_history[epoch + 1] = {k.split("/", 1)[1]: v for k, v in metrics.items()
+                                          if k.startswith("firing_rate/")}
+        is_best = metrics["val/top1"] > self.best_top1
+        self.best_top1 = max(self.best_top1, metrics["val/top1"])
+        self.epoch, self.batch = epoch + 1, 0
+        self.tracker.log_metrics({**metrics, "epoch": epoch + 1}, step=epoch + 1)
+        if is_best and self.env.is_main:
+            torch.save(self.model.state_dict(), self.run_dir / "best_model.pt")
+        self.save()
+        log(self.env, f"epoch {epoch + 1}/{self.cfg.optim.epochs}  train loss {metrics.get('train/loss', 0):.4f} "
+                      f"top1 {metrics.get('train/top1', 0):.4f} | val loss {metrics['val/loss']:.4f} "
+                      f"top1 {metrics['val/top1']:.4f} top5 {metrics['val/top5']:.4f} | "
+                      f"firing rate {metrics['firing_rate_mean']:.4f}")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Val loss, top-1/top-5 and per-layer firing, summed over ranks before dividing."""
+        model, s = self.strategy.module, self.strategy
+        model.eval()
+        set_firing_recording(model, True)
+        reset_firing_counts(model)
+        totals = torch.zeros(4, dtype=torch.float64, device=self.env.device)  # loss sum, top1, top5, n
+        for x, y in self.val_loader.iterate(self.epoch):
+            with s.forward_context(True):
+                logits = model(s.prepare_input(x)).float()
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            totals += torch.stack([self.criterion(logits, y).double() * len(y),
+                                   (top5[:, 0] == y).sum().double(), (top5 == y[:, None]).any(1).sum().double(),
+                                   torch.tensor(len(y), dtype=torch.float64, device=y.device)])
+        counts = firing_counts(model)
+        names = list(counts)
+        stacked = distributed.all_reduce_sum(torch.stack([counts[k] for k in names])) if names else None
+        set_firing_recording(model, False)
+        distributed.all_reduce_sum(totals)
+        loss_sum, top1, top5, n = totals.tolist()
+        images = int(n)
+        report = firing_report({k: stacked[i] for i, k in enumerate(names)}, model, images=images)
+        return {"val/loss": loss_sum / n, "val/top1": top1 / n, "val/top5": top5 / n, **report}
+
+    def finish(self) -> None:
+        """Final metrics, artifacts and the summary line a researcher looks for."""
+        final = self.evaluate() if self.epoch else {}
+        final["best_val_top1"] = self.best_top1
+        if self.env.is_main:
+            path = self.run_dir / "final_metrics.json"
+            path.write_text(json.dumps(final, indent=2, sort_keys=True))
+            self.tracker.log_artifact(path)
+            self.tracker.log_firing_chart(self.firing_history)
+            best = self.run_dir / "best_model.pt"
+            if best.exists():
+                self.model.load_state_dict(torch.load(best, map_location=self.env.device, weights_only=True))
+                self.tracker.log_model(self.model, name="best_model")
+        self.tracker.flush()
+        self.summary(final.get("val/top1", float("nan")), self.tracker.run_id)
+
+    def summary(self, top1: float, run_id: str | None) -> None:
+        uri = resolve_uri(self.cfg.tracking, Path(self.cfg.run.root))
+        log(self.env, f"final validation top-1: {top1:.4f} (best {self.best_top1:.4f}) after {self.epoch} epochs")
+        log(self.env, f"run directory: {self.run_dir}")
+        log(self.env, f"MLflow run: {run_id} in experiment '{self.cfg.tracking.experiment}' at {uri} "
+                      "(browse with `make mlflow-ui`)")
+
+
+def _value(x) -> str:
+    return getattr(x, "value", x)
+
+
+def log(env: distributed.DistEnv, msg: str) -> None:
+    if env.is_main:
+        print(msg, flush=True)
