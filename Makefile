@@ -49,8 +49,8 @@ bench: $(STAMP)
 MLFLOW_PORT ?= 5000
 mlflow-ui: $(STAMP)
 	@mkdir -p runs
-	@echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)"
-	$(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	@echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)/#/experiments?workflowType=machine_learning"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
 	  --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db \
 	  --default-artifact-root $(CURDIR)/runs/mlartifacts
 

@@ -29,7 +29,7 @@ from train import distributed
 from train.checkpoints import Checkpointer, rng_state, set_rng_state
 from train.config import Config, ConfigError, changed_keys, config_hash, flat_items, load_config, to_dict, to_yaml
 from train.strategies import build_strategy
-from train.tracking import Tracker, resolve_uri
+from train.tracking import Tracker, environment_params, resolve_uri
 
 REQUEUE_EXIT_CODE = 3   # "stopped on purpose after saving: requeue me"
 USER_ERROR_EXIT_CODE = 2
@@ -191,8 +191,7 @@ class Trainer:
         self.tracker = Tracker.start(cfg.tracking, runs_root=Path(cfg.run.root), run_dir=self.run_dir,
                                      run_name=cfg.run.name, run_id=run_id, enabled=env.is_main, tags=tags)
         if run_id is None:
-            self.tracker.log_params({**flat_items(to_dict(cfg)), "world_size": env.world_size,
-                                     "device": str(env.device), "torch": torch.__version__})
+            self.tracker.log_params({**flat_items(to_dict(cfg)), **environment_params(env.world_size, str(env.device))})
             self.tracker.log_artifact(self.run_dir / "config.yaml")
         stop = StopSignal()
         try:
@@ -250,7 +249,8 @@ class Trainer:
             self.global_step += 1
             if self.global_step % max(1, cfg.tracking.log_every_steps) == 0:
                 elapsed = time.perf_counter() - tick
-                self.tracker.log_metrics({"train/step_loss": float(loss.detach()), "train/lr": s.scheduler.get_last_lr()[0],
+                step_loss = distributed.all_reduce_sum(loss.detach().double().reshape(1)) / self.env.world_size
+                self.tracker.log_metrics({"train/step_loss": float(step_loss), "train/lr": s.scheduler.get_last_lr()[0],
                                           "train/images_per_s": seen * self.env.world_size / elapsed,
                                           "train/nonfinite_steps": self.nonfinite_total, **stats}, self.global_step)
                 tick, seen = time.perf_counter(), 0
@@ -279,6 +279,7 @@ class Trainer:
         self.best_top1 = max(self.best_top1, metrics["val/top1"])
         self.epoch, self.batch = epoch + 1, 0
         self.tracker.log_metrics({**metrics, "epoch": epoch + 1}, step=epoch + 1)
+        self.tracker.log_firing_chart(self.firing_history)
         if is_best and self.env.is_main:
             torch.save(self.model.state_dict(), self.run_dir / "best_model.pt")
         self.save()
@@ -320,11 +321,12 @@ class Trainer:
             path = self.run_dir / "final_metrics.json"
             path.write_text(json.dumps(final, indent=2, sort_keys=True))
             self.tracker.log_artifact(path)
-            self.tracker.log_firing_chart(self.firing_history)
             best = self.run_dir / "best_model.pt"
             if best.exists():
-                self.model.load_state_dict(torch.load(best, map_location=self.env.device, weights_only=True))
-                self.tracker.log_model(self.model, name="best_model")
+                # A fresh module: the trained one may carry DDP/DeepSpeed hooks that do not pickle.
+                clean = build_model(self.cfg, self.train_loader.meta)
+                clean.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
+                self.tracker.log_model(clean, name="best_model")
         self.tracker.flush()
         self.summary(final.get("val/top1", float("nan")), self.tracker.run_id)
 

@@ -16,18 +16,10 @@ def train(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "digits"
-    subprocess.run([sys.executable, "-m", "data_pipelines.build", "digits", "--out", str(out)],
-                   check=True, cwd=REPO, timeout=300)
-    return out
-
-
-@pytest.fixture(scope="module")
-def demo_run(digits, tmp_path_factory):
+def demo_run(digits_dir, tmp_path_factory):
     """Two epochs, then the same command with one more epoch: must resume, not restart."""
     root = tmp_path_factory.mktemp("runs")
-    args = [f"data.path={digits}", f"run.root={root}", "data.num_workers=1"]
+    args = [f"data.path={digits_dir}", f"run.root={root}", "data.num_workers=1"]
     first = train(*args, "optim.epochs=2", cwd=REPO)
     assert first.returncode == 0, first.stderr[-3000:]
     second = train(*args, "optim.epochs=3", cwd=REPO)

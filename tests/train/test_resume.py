@@ -1,0 +1,91 @@
+"""Resume is exact: a run stopped by SIGUSR2 or killed outright ends with the same weights as one
+that never stopped (deterministic CPU settings), and a changed config is refused."""
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train import REQUEUE_EXIT_CODE, USER_ERROR_EXIT_CODE
+from tests.train.trainrun import DEMO, REPO, train, train_command, train_env
+
+EPOCHS = 2
+
+
+def args(root: Path, digits: Path) -> list[str]:
+    return [f"run.root={root}", f"data.path={digits}", f"optim.epochs={EPOCHS}", "data.num_workers=1",
+            "run.deterministic=true", "train.checkpoint_every_steps=5", "train.keep_checkpoints=2"]
+
+
+def final_weights(root: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    newest = sorted((root / "demo-digits" / "checkpoints").glob("step-*.pt"))[-1]
+    state = torch.load(newest, weights_only=True)
+    return state["global_step"], state["model"]
+
+
+def wait_for_checkpoint(root: Path, proc: subprocess.Popen, min_step: int) -> int:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        steps = [int(p.stem.split("-")[1]) for p in (root / "demo-digits" / "checkpoints").glob("step-*.pt")]
+        if steps and max(steps) >= min_step:
+            return max(steps)
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at step >= {min_step} (exit code {proc.poll()})")
+
+
+@pytest.fixture(scope="module")
+def reference(digits_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference")
+    done = train(*args(root, digits_dir))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return final_weights(root)
+
+
+def assert_same_weights(a, b):
+    (step_a, wa), (step_b, wb) = a, b
+    assert step_a == step_b
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"tensors differ after resume: {different[:5]}"
+
+
+def test_sigusr2_saves_exits_for_requeue_and_resumes_exactly(reference, digits_dir, tmp_path):
+    proc = subprocess.Popen(train_command(*args(tmp_path, digits_dir)), cwd=REPO, env=train_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(tmp_path, proc, min_step=10)
+    proc.send_signal(signal.SIGUSR2)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
+    assert "SIGUSR2: checkpoint saved at step" in out
+    stopped_at, _ = final_weights(tmp_path)
+    resumed = train(*args(tmp_path, digits_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"step {stopped_at}" in resumed.stdout.splitlines()[0] or f"step {stopped_at}" in resumed.stdout
+    assert_same_weights(final_weights(tmp_path), reference)
+
+
+def test_sigkill_at_a_random_step_then_resume_gives_identical_weights(reference, digits_dir, tmp_path):
+    proc = subprocess.Popen(train_command(*args(tmp_path, digits_dir)), cwd=REPO, env=train_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_checkpoint(tmp_path, proc, min_step=random.Random().randrange(5, 60))
+    proc.kill()
+    proc.wait(timeout=60)
+    resumed = train(*args(tmp_path, digits_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert_same_weights(final_weights(tmp_path), reference)
+
+
+def test_resume_with_an_unnamed_config_change_is_refused(reference, digits_dir, tmp_path):
+    root = tmp_path / "runs"
+    assert train(*args(root, digits_dir), "optim.epochs=1").returncode == 0
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(Path(DEMO).read_text().replace("lr: 0.1", "lr: 0.2"))
+    cmd = train_command(*args(root, digits_dir), "optim.epochs=1")
+    cmd[cmd.index(DEMO)] = str(changed)
+    refused = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode == USER_ERROR_EXIT_CODE
+    assert "optim.lr" in refused.stderr and "different config" in refused.stderr
