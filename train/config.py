@@ -64,6 +64,9 @@ class OptimConfig:
     label_smoothing: float = 0.0
     grad_clip: float = 0.0              # max global grad norm; 0 disables clipping
     accumulate: int = 1                 # micro-batches per optimizer step
+    ema_decay: float = 0.0              # EMA of weights (e.g. 0.9998), evaluated beside the model; 0 = off
+    mixup_alpha: float = 0.0            # timm Mixup on image batches; 0 = off
+    cutmix_alpha: float = 0.0           # timm CutMix on image batches; 0 = off
 
 
 @dataclass

@@ -20,6 +20,9 @@ from typing import Any
 
 import timm
 import torch
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
 from torch import nn
 
 import models  # noqa: F401  (registers the spiking networks with timm)
@@ -83,6 +86,20 @@ def build_model(cfg: Config, meta: dict[str, Any]) -> nn.Module:
     return model
 
 
+def build_mixup(cfg: Config, num_classes: int) -> Mixup | None:
+    """timm's Mixup/CutMix for image batches `[B, C, H, W]` (not event frames)."""
+    o = cfg.optim
+    if o.mixup_alpha <= 0 and o.cutmix_alpha <= 0:
+        return None
+    if cfg.data.dataset == "dvs":
+        raise ConfigError("config keys 'optim.mixup_alpha'/'optim.cutmix_alpha': mixup applies to image "
+                          "data sets, not dvs; set them to 0")
+    if cfg.data.batch_size % 2:
+        raise ConfigError(f"config key 'data.batch_size': mixup needs an even batch size, got {cfg.data.batch_size}")
+    return Mixup(mixup_alpha=o.mixup_alpha, cutmix_alpha=o.cutmix_alpha,
+                 label_smoothing=o.label_smoothing, num_classes=num_classes)
+
+
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
     decay, no_decay = [], []
@@ -134,6 +151,10 @@ class Trainer:
         self.strategy = build_strategy(cfg, env, self.model, optimizer, scheduler)
         self.ckpt = Checkpointer(self.run_dir, cfg.train.keep_checkpoints)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        self.mixup = build_mixup(cfg, self.model.num_classes)
+        # Mixup makes soft targets (label smoothing included); plain CE still scores validation.
+        self.train_criterion = SoftTargetCrossEntropy() if self.mixup else self.criterion
+        self.ema = ModelEmaV3(self.model, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         # What a checkpoint carries besides model/optimizer/scheduler/scaler.
         self.epoch, self.batch, self.global_step = 0, 0, 0
         self.best_top1, self.nonfinite_total = -1.0, 0
@@ -146,7 +167,8 @@ class Trainer:
                 "loader_seed": self.cfg.run.seed, "mlflow_run_id": self.tracker.run_id,
                 "config": to_dict(self.cfg), "config_hash": config_hash(self.cfg),
                 "best_top1": self.best_top1, "nonfinite_total": self.nonfinite_total,
-                "firing_history": self.firing_history}
+                "firing_history": self.firing_history,
+                **({"ema": self.ema.module.state_dict()} if self.ema is not None else {})}
 
     def save(self) -> None:
         self.strategy.save(self.ckpt, self.global_step, self.client_state())
@@ -165,6 +187,8 @@ class Trainer:
         self.epoch, self.batch, self.global_step = state["epoch"], state["batch"], state["global_step"]
         self.best_top1, self.nonfinite_total = state["best_top1"], state["nonfinite_total"]
         self.firing_history = {int(k): v for k, v in state["firing_history"].items()}
+        if self.ema is not None and "ema" in state:
+            self.ema.module.load_state_dict(state["ema"])
         rngs = state["rng"]
         set_rng_state(rngs[self.env.rank] if self.env.rank < len(rngs) else rngs[0])
         log(self.env, f"resumed from {self.ckpt.paths()[0].name}: epoch {self.epoch}, batch {self.batch}, "
@@ -226,9 +250,12 @@ class Trainer:
             if i >= last_batch:
                 break
             boundary = (i + 1) % accumulate == 0
+            target = y
+            if self.mixup:
+                x, target = self.mixup(x, y)
             with s.forward_context(boundary):
                 logits = s.model(s.prepare_input(x))
-                loss = self.criterion(logits.float(), y)
+                loss = self.train_criterion(logits.float(), target)
             if not self.all_finite(loss):
                 self.nonfinite_run += 1
                 self.nonfinite_total += 1
@@ -247,6 +274,8 @@ class Trainer:
                 continue
             stats = s.step()
             self.global_step += 1
+            if self.ema is not None:
+                self.ema.update(s.module, step=self.global_step)
             if self.global_step % max(1, cfg.tracking.log_every_steps) == 0:
                 elapsed = time.perf_counter() - tick
                 step_loss = distributed.all_reduce_sum(loss.detach().double().reshape(1)) / self.env.world_size
@@ -288,10 +317,19 @@ class Trainer:
                       f"top1 {metrics['val/top1']:.4f} top5 {metrics['val/top5']:.4f} | "
                       f"firing rate {metrics['firing_rate_mean']:.4f}")
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Validation metrics of the model, and of its EMA (keys `val_ema/...`) when enabled."""
+        metrics = self.evaluate_model(self.strategy.module)
+        if self.ema is not None:
+            ema = self.evaluate_model(self.ema.module)
+            metrics.update({f"val_ema/{k.split('/', 1)[1]}": v for k, v in ema.items() if k.startswith("val/")})
+        return metrics
+
+    @torch.no_grad()
+    def evaluate_model(self, model: nn.Module) -> dict[str, float]:
         """Val loss, top-1/top-5 and per-layer firing, summed over ranks before dividing."""
-        model, s = self.strategy.module, self.strategy
+        s = self.strategy
+        was_training = model.training
         model.eval()
         set_firing_recording(model, True)
         reset_firing_counts(model)
@@ -307,6 +345,7 @@ class Trainer:
         names = list(counts)
         stacked = distributed.all_reduce_sum(torch.stack([counts[k] for k in names])) if names else None
         set_firing_recording(model, False)
+        model.train(was_training)
         distributed.all_reduce_sum(totals)
         loss_sum, top1, top5, n = totals.tolist()
         images = int(n)
