@@ -1,0 +1,35 @@
+"""Spiking neuron dynamics, surrogate gradients, tdBN, spiking ResNets and firing accounting.
+
+Importing this package registers the spiking ResNets with timm (``models.resnet``).
+"""
+
+from models import resnet  # noqa: F401  (registers the timm entry points)
+from models.firing import firing_counts, firing_report, reset_firing_counts, set_firing_recording
+from models.neurons import (
+    LIF,
+    NeuronConfig,
+    NeuronConfigError,
+    Recurrence,
+    Reset,
+    Surrogate,
+    lif_multistep,
+    register_neuron_impl,
+)
+from models.tdbn import TdBN, fold_tdbn_into_conv
+
+__all__ = [
+    "NeuronConfig",
+    "NeuronConfigError",
+    "Reset",
+    "Recurrence",
+    "Surrogate",
+    "LIF",
+    "lif_multistep",
+    "register_neuron_impl",
+    "TdBN",
+    "fold_tdbn_into_conv",
+    "set_firing_recording",
+    "reset_firing_counts",
+    "firing_counts",
+    "firing_report",
+]

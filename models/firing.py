@@ -1,0 +1,211 @@
+"""Firing statistics: per-layer firing rate, sparsity, synaptic operations and energy.
+
+Recording is off by default. When off, a LIF layer's forward checks one bool and does nothing
+else; when on, it adds two numbers per call to a float64 tensor on the spikes' device (no host
+synchronisation): the spikes it emitted and its neuron-timestep slots (T*B*C*H*W).
+
+Typical use (the trainer, at eval)::
+
+    set_firing_recording(model, True); reset_firing_counts(model)
+    ... forward passes over `images` images ...
+    counts = firing_counts(model)          # all-reduce (sum) these across ranks if distributed
+    report = firing_report(counts, model, images)   # images: the global count
+    set_firing_recording(model, False)
+
+Energy (45 nm CMOS, Horowitz 2014, as in the SNN literature)::
+
+    E_image [pJ] = 4.6 * MACs_first + 0.9 * SOPs_image
+    SOPs_image   = sum over neuron layers l of spikes_l * fanout_l / images
+
+MACs_first is the dense multiply-accumulate count of the first layer (the stem convolution, the
+only one whose input is not spikes) per image: C_out * H_out * W_out * C_in/groups * k_h * k_w,
+once per image for direct encoding (the stem sees the static image once) and T times for
+sequence (DVS) inputs. ``fanout_l`` is the mean number of synapses per neuron of layer l into
+the layer(s) its spikes feed: ``out_features`` for a linear layer (also after global average
+pooling, which commutes with it), and for a convolution ``C_out/groups * taps_h * taps_w /
+(H * W)``, where taps count the (output position, kernel offset) pairs that land inside the
+input (padding taps are not synapses). Identity shortcuts and pooling add no SOPs.
+
+Networks declare their wiring through the ``SpikingNetwork`` protocol (``models.resnet``
+implements it).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from models.neurons import LIF
+
+__all__ = [
+    "E_MAC_PJ",
+    "E_SOP_PJ",
+    "SpikingNetwork",
+    "set_firing_recording",
+    "reset_firing_counts",
+    "firing_counts",
+    "firing_report",
+    "synapses_per_neuron",
+    "conv_macs",
+]
+
+E_MAC_PJ = 4.6  # pJ per 32-bit multiply-accumulate, 45 nm
+E_SOP_PJ = 0.9  # pJ per 32-bit accumulate (one synaptic operation), 45 nm
+
+
+class SpikingNetwork(Protocol):
+    """What ``firing_report`` needs from a network besides its LIF layers."""
+
+    def spike_consumers(self) -> dict[str, list[str]]:
+        """LIF module name -> names of the conv/linear modules its spikes feed (names relative
+        to the network)."""
+        ...
+
+    def first_layer_macs_per_image(self) -> float:
+        """Dense MACs of the first layer per image, for the input of the last recorded forward."""
+        ...
+
+
+def set_firing_recording(model: nn.Module, on: bool) -> None:
+    """Switch firing-count recording on or off for every LIF layer in ``model``."""
+    for module in model.modules():
+        if isinstance(module, LIF):
+            module.record_firing = on
+
+
+def reset_firing_counts(model: nn.Module) -> None:
+    """Zero the accumulated counts of every LIF layer in ``model``."""
+    for module in model.modules():
+        if isinstance(module, LIF):
+            module.spike_count = None
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def firing_counts(model: nn.Module) -> dict[str, Tensor]:
+    """Counts accumulated since the last reset, per LIF layer.
+
+    Returns:
+        ``{qualified module name: float64 tensor [spikes, neuron slots]}`` on the model's device;
+        copies, so reducing them in place across ranks leaves the accumulators alone.
+    """
+    device = _model_device(model)
+    counts = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LIF):
+            if module.spike_count is None:
+                counts[name] = torch.zeros(2, dtype=torch.float64, device=device)
+            else:
+                counts[name] = module.spike_count.detach().clone().to(device)
+    return counts
+
+
+def _valid_taps(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """(output position, kernel offset) pairs that read inside an input of length ``size``."""
+    out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    return sum(
+        1
+        for o in range(out)
+        for j in range(kernel)
+        if 0 <= o * stride - padding + j * dilation < size
+    )
+
+
+def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    if conv.padding == "valid":
+        return 0, 0
+    if conv.padding == "same":
+        # Symmetric part of PyTorch's 'same' padding; the odd extra goes to the far side.
+        return tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))
+    return conv.padding
+
+
+def synapses_per_neuron(consumer: nn.Module, neuron_shape: tuple[int, ...]) -> float:
+    """Mean fan-out of a presynaptic neuron into ``consumer`` (definition in the module doc).
+
+    Args:
+        consumer: the ``nn.Conv2d`` or ``nn.Linear`` its spikes feed.
+        neuron_shape: per-sample shape of the presynaptic layer, ``[C, H, W]`` or ``[C]``.
+    """
+    if isinstance(consumer, nn.Linear):
+        return float(consumer.out_features)
+    if isinstance(consumer, nn.Conv2d):
+        _, height, width = neuron_shape
+        pad_h, pad_w = _conv_padding(consumer)
+        (k_h, k_w), (s_h, s_w), (d_h, d_w) = consumer.kernel_size, consumer.stride, consumer.dilation
+        taps = _valid_taps(height, k_h, s_h, pad_h, d_h) * _valid_taps(width, k_w, s_w, pad_w, d_w)
+        return consumer.out_channels / consumer.groups * taps / (height * width)
+    raise TypeError(f"no fan-out rule for {type(consumer).__name__}; expected Conv2d or Linear")
+
+
+def conv_macs(conv: nn.Conv2d, in_shape: tuple[int, int, int]) -> int:
+    """Dense multiply-accumulates of one ``conv`` call on one sample of shape ``[C, H, W]``."""
+    _, height, width = in_shape
+    pad_h, pad_w = _conv_padding(conv)
+    (k_h, k_w), (s_h, s_w), (d_h, d_w) = conv.kernel_size, conv.stride, conv.dilation
+    out_h = (height + 2 * pad_h - d_h * (k_h - 1) - 1) // s_h + 1
+    out_w = (width + 2 * pad_w - d_w * (k_w - 1) - 1) // s_w + 1
+    return conv.out_channels * out_h * out_w * (conv.in_channels // conv.groups) * k_h * k_w
+
+
+def _find_network(model: nn.Module) -> tuple[str, SpikingNetwork]:
+    # The outermost module that declares its wiring; wrappers (DDP, torch.compile) sit above it.
+    # Checked on the type: torch.compile's wrapper forwards attribute lookups to the network.
+    for name, module in model.named_modules():
+        if all(hasattr(type(module), m) for m in ("spike_consumers", "first_layer_macs_per_image")):
+            return name, module
+    raise TypeError(
+        f"firing_report: {type(model).__name__} does not declare spike_consumers() and "
+        "first_layer_macs_per_image(); build it with models.resnet"
+    )
+
+
+def firing_report(counts: dict[str, Tensor], model: nn.Module, images: int) -> dict[str, float]:
+    """Firing rates, sparsity, SOPs and energy per image from ``firing_counts`` output.
+
+    Args:
+        counts: ``firing_counts(model)``, possibly summed across ranks.
+        model: the network the counts came from (may be wrapped, e.g. by DDP).
+        images: number of images the counts cover (the global count if summed across ranks).
+
+    Returns:
+        ``firing_rate/<layer>`` (spikes per neuron per step) for every neuron layer,
+        ``firing_rate_mean`` (all spikes / all neuron-timestep slots), ``sparsity_mean``
+        (1 - firing_rate_mean), ``sops_per_image`` and ``energy_uj_per_image`` (microjoules;
+        formula in the module docstring).
+    """
+    if images <= 0:
+        raise ValueError(f"firing_report: images must be > 0, got {images}")
+    prefix, network = _find_network(model)
+    consumers = network.spike_consumers()
+    report: dict[str, float] = {}
+    total_spikes = total_slots = sops = 0.0
+    for name, count in counts.items():
+        spikes, slots = (float(v) for v in count.detach().cpu().tolist())
+        report[f"firing_rate/{name}"] = spikes / slots if slots else 0.0
+        total_spikes += spikes
+        total_slots += slots
+        relative = name[len(prefix) + 1 :] if prefix else name
+        if relative not in consumers:
+            raise KeyError(f"firing_report: {name} is not a neuron layer of {type(network).__name__}")
+        if spikes:
+            shape = model.get_submodule(name).neuron_shape
+            if shape is None:
+                raise ValueError(f"firing_report: {name} has spikes but never recorded its shape")
+            for consumer in consumers[relative]:
+                sops += spikes * synapses_per_neuron(network.get_submodule(consumer), shape)
+    rate = total_spikes / total_slots if total_slots else 0.0
+    report["firing_rate_mean"] = rate
+    report["sparsity_mean"] = 1.0 - rate
+    report["sops_per_image"] = sops / images
+    energy_pj = E_MAC_PJ * network.first_layer_macs_per_image() + E_SOP_PJ * sops / images
+    report["energy_uj_per_image"] = energy_pj * 1e-6
+    return report

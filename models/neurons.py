@@ -1,0 +1,478 @@
+"""Leaky integrate-and-fire neurons: one stateless, multi-step family for both papers.
+
+Dynamics, per neuron, for t = 0 .. T-1 (the reference loop in ``_lif_reference`` is the
+specification; a fused kernel must reproduce it)::
+
+    h[t] = d * v[t-1] + x[t] + r[t]      charge: leak d, input current x, recurrent input r
+    o[t] = H(h[t] - V_th)                fire when strictly above the threshold
+    v[t] = h[t] * (1 - o[t]) + v_reset * o[t]    reset = hard
+           h[t] - V_th * o[t]                    reset = soft (subtract the threshold)
+           h[t]                                  reset = none
+
+- ``d = tau_decay`` with leak, ``d = 1`` without (IF); the resting potential is 0.
+- ``r[t] = w * o[t-1]`` (recurrence = self, ``w`` per channel), ``W @ o[t-1]`` over the channel
+  axis (recurrence = lateral: dense for linear layers, a 1x1 convolution for conv layers; it is
+  the same ``[C, C]`` matrix applied at every position), 0 for none.
+- ``v[-1] = 0`` and ``o[-1] = 0`` unless a ``LIFState`` is passed in.
+- With hard reset and ``v_reset = 0`` this is STBP-tdBN's ``u[t] = tau * u[t-1] * (1 - o[t-1]) +
+  x[t]`` (their ``u`` is ``h`` here).
+- ``detach_reset`` stops the gradient through the ``o`` used in the reset (not through the
+  recurrent input).
+
+Shapes: inputs and spikes are ``[T, B, C, ...]`` (time first, channel at dim 2); the membrane
+state is ``[B, C, ...]``. The membrane is accumulated in fp32 (fp64 for fp64 inputs) whatever
+the input dtype; spikes come back in the input dtype.
+
+The op is called through one dispatch point: ``register_neuron_impl`` adds an implementation
+(e.g. a fused CUDA kernel) with a predicate on (input, spec); the first registered one whose
+predicate accepts wins, the PyTorch reference takes everything else. ``neuron_impl_for`` says
+which one a call would use, and ``impl=`` forces one (errors if it does not accept the call).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from enum import Enum
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from models.surrogates import Surrogate, spike
+
+__all__ = [
+    "Reset",
+    "Recurrence",
+    "Surrogate",
+    "NeuronConfig",
+    "NeuronConfigError",
+    "as_neuron_config",
+    "LIFSpec",
+    "LIFState",
+    "lif_multistep",
+    "register_neuron_impl",
+    "neuron_impl_for",
+    "neuron_impls",
+    "REFERENCE_IMPL",
+    "LIF",
+]
+
+
+class Reset(str, Enum):
+    """What a spike does to the membrane: to ``v_reset``, minus ``V_th``, or nothing."""
+
+    hard = "hard"
+    soft = "soft"
+    none = "none"
+
+
+class Recurrence(str, Enum):
+    """Recurrent input from the layer's own spikes at the previous step."""
+
+    none = "none"
+    self = "self"
+    lateral = "lateral"
+
+
+class NeuronConfigError(ValueError):
+    """A neuron setting a user wrote is invalid; the message names the key."""
+
+
+@dataclass
+class NeuronConfig:
+    """Neuron hyper-parameters (OmegaConf structured config, ``model.neuron``).
+
+    Defaults follow STBP-tdBN's code: V_th = 0.5, decay 0.25, hard reset to 0, rectangular
+    surrogate with a = 1.
+
+    Attributes:
+        tau_decay: multiplicative membrane decay per step, in [0, 1] (0 = no memory).
+        leak: false gives IF (decay 1).
+        learnable_decay: learn one decay per channel (stored as a logit, initialised at
+            ``tau_decay``, which must then lie strictly inside (0, 1)).
+        reset: hard (to ``v_reset``), soft (subtract V_th) or none.
+        v_reset: membrane value after a spike with hard reset.
+        detach_reset: no gradient through the spike used in the reset.
+        recurrence: none, self (per-channel weight on the neuron's own previous spike) or
+            lateral (a [C, C] map from the layer's previous spikes); weights start at 0.
+        v_threshold: firing threshold V_th (> 0); also tdBN's V_th.
+        learnable_threshold: learn one threshold per channel, initialised at ``v_threshold``.
+        surrogate: surrogate gradient shape (see ``models.surrogates``).
+        surrogate_width: the surrogate's width: a for rectangular, alpha for sigmoid and atan,
+            gamma for triangle; > 0.
+    """
+
+    tau_decay: float = 0.25
+    leak: bool = True
+    learnable_decay: bool = False
+    reset: Reset = Reset.hard
+    v_reset: float = 0.0
+    detach_reset: bool = False
+    recurrence: Recurrence = Recurrence.none
+    v_threshold: float = 0.5
+    learnable_threshold: bool = False
+    surrogate: Surrogate = Surrogate.rectangular
+    surrogate_width: float = 1.0
+
+    def __post_init__(self) -> None:
+        # Strings are accepted for enums so plain dicts and YAML work without OmegaConf.
+        for name, enum in (("reset", Reset), ("recurrence", Recurrence), ("surrogate", Surrogate)):
+            value = getattr(self, name)
+            if not isinstance(value, enum):
+                try:
+                    setattr(self, name, enum(value))
+                except ValueError:
+                    choices = ", ".join(e.value for e in enum)
+                    raise NeuronConfigError(
+                        f"neuron.{name}: {value!r} is not one of {choices}"
+                    ) from None
+        for name in ("tau_decay", "v_reset", "v_threshold", "surrogate_width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise NeuronConfigError(f"neuron.{name}: expected a number, got {value!r}")
+            setattr(self, name, float(value))
+        for name in ("leak", "learnable_decay", "detach_reset", "learnable_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):  # a string like "false" would silently be true
+                raise NeuronConfigError(f"neuron.{name}: expected true or false, got {value!r}")
+        if not 0.0 <= self.tau_decay <= 1.0:
+            raise NeuronConfigError(f"neuron.tau_decay: {self.tau_decay} is outside [0, 1]")
+        if self.learnable_decay and not self.leak:
+            raise NeuronConfigError("neuron.learnable_decay: needs leak: true (IF has no decay)")
+        if self.learnable_decay and not 0.0 < self.tau_decay < 1.0:
+            raise NeuronConfigError(
+                f"neuron.tau_decay: {self.tau_decay} must lie strictly inside (0, 1) "
+                "when learnable_decay is on"
+            )
+        if self.v_threshold <= 0:
+            raise NeuronConfigError(f"neuron.v_threshold: {self.v_threshold} must be > 0")
+        if self.surrogate_width <= 0:
+            raise NeuronConfigError(f"neuron.surrogate_width: {self.surrogate_width} must be > 0")
+
+
+def as_neuron_config(neuron: NeuronConfig | Mapping[str, Any] | None) -> NeuronConfig:
+    """A validated ``NeuronConfig`` from a config, a mapping (dict, OmegaConf DictConfig) or None.
+
+    Raises:
+        NeuronConfigError: unknown key or invalid value (one line naming the key).
+    """
+    if neuron is None:
+        return NeuronConfig()
+    if isinstance(neuron, NeuronConfig):
+        return neuron
+    if isinstance(neuron, Mapping):
+        known = {f.name for f in fields(NeuronConfig)}
+        unknown = sorted(str(k) for k in neuron if k not in known)
+        if unknown:
+            raise NeuronConfigError(
+                f"neuron: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
+            )
+        return NeuronConfig(**{str(k): v for k, v in neuron.items()})
+    raise NeuronConfigError(
+        f"neuron: expected a NeuronConfig, a mapping or None, got {type(neuron).__name__}"
+    )
+
+
+@dataclass(frozen=True)
+class LIFSpec:
+    """The static part of a neuron configuration: what selects the code path, not the values
+    that are learned. Hashable, so implementations can cache compiled variants on it."""
+
+    reset: Reset
+    v_reset: float
+    detach_reset: bool
+    recurrence: Recurrence
+    surrogate: Surrogate
+    surrogate_width: float
+
+    @classmethod
+    def from_config(cls, cfg: NeuronConfig) -> LIFSpec:
+        return cls(
+            reset=cfg.reset,
+            v_reset=cfg.v_reset,
+            detach_reset=cfg.detach_reset,
+            recurrence=cfg.recurrence,
+            surrogate=cfg.surrogate,
+            surrogate_width=cfg.surrogate_width,
+        )
+
+
+class LIFState(NamedTuple):
+    """Neuron state after the last step of a call, to continue a sequence in the next call.
+
+    Attributes:
+        v: membrane after reset, ``[B, C, ...]``, fp32 (fp64 for fp64 inputs).
+        spike: spikes of the last step, ``[B, C, ...]``, same dtype as ``v`` (needed by
+            recurrence).
+    """
+
+    v: Tensor
+    spike: Tensor
+
+
+# (x, decay, v_threshold, recurrent_weight, state, spec) -> (spikes [T, B, ...], final state).
+# decay / v_threshold are Python floats or per-channel [C] tensors; recurrent_weight is None,
+# [C] (self) or [C, C] (lateral).
+NeuronImplFn = Callable[
+    [Tensor, "Tensor | float", "Tensor | float", "Tensor | None", "LIFState | None", LIFSpec],
+    "tuple[Tensor, LIFState]",
+]
+NeuronImplPredicate = Callable[[Tensor, LIFSpec], bool]
+
+REFERENCE_IMPL = "reference"
+
+
+@dataclass(frozen=True)
+class _NeuronImpl:
+    name: str
+    predicate: NeuronImplPredicate
+    fn: NeuronImplFn
+
+
+_NEURON_IMPLS: list[_NeuronImpl] = []
+
+
+def register_neuron_impl(name: str, predicate: NeuronImplPredicate, fn: NeuronImplFn) -> None:
+    """Add an implementation of the LIF op (e.g. a fused CUDA kernel) to the dispatch.
+
+    Args:
+        name: unique name, reported by ``neuron_impl_for`` and accepted by ``impl=``.
+        predicate: ``(x [T, B, C, ...], spec) -> bool``, whether ``fn`` handles this call; must
+            depend only on static properties (device, dtype, shape, spec) so the choice is
+            deterministic.
+        fn: the implementation, with the ``NeuronImplFn`` signature; it must match the
+            reference (spikes, final state and gradients).
+
+    Implementations are tried in registration order; the reference takes what none accepts.
+    """
+    if name == REFERENCE_IMPL or any(impl.name == name for impl in _NEURON_IMPLS):
+        raise ValueError(f"a neuron implementation named {name!r} is already registered")
+    _NEURON_IMPLS.append(_NeuronImpl(name, predicate, fn))
+
+
+def neuron_impls() -> list[str]:
+    """Names of the implementations in dispatch order; the reference is always last."""
+    return [impl.name for impl in _NEURON_IMPLS] + [REFERENCE_IMPL]
+
+
+def neuron_impl_for(x: Tensor, spec: LIFSpec) -> str:
+    """Name of the implementation ``lif_multistep`` uses for input ``x`` and ``spec``."""
+    for impl in _NEURON_IMPLS:
+        if impl.predicate(x, spec):
+            return impl.name
+    return REFERENCE_IMPL
+
+
+def _impl_fn(x: Tensor, spec: LIFSpec, impl: str | None) -> NeuronImplFn:
+    if impl is None:
+        for candidate in _NEURON_IMPLS:
+            if candidate.predicate(x, spec):
+                return candidate.fn
+        return _lif_reference
+    if impl == REFERENCE_IMPL:
+        return _lif_reference
+    for candidate in _NEURON_IMPLS:
+        if candidate.name == impl:
+            if not candidate.predicate(x, spec):
+                raise ValueError(
+                    f"neuron implementation {impl!r} does not accept input "
+                    f"{tuple(x.shape)} {x.dtype} on {x.device} with {spec}"
+                )
+            return candidate.fn
+    raise ValueError(f"unknown neuron implementation {impl!r}; registered: {neuron_impls()}")
+
+
+def _per_channel(p: Tensor | float, step_ndim: int) -> Tensor | float:
+    """View a per-channel ``[C]`` tensor so it broadcasts against one step ``[B, C, ...]``."""
+    if isinstance(p, Tensor) and p.ndim == 1:
+        return p.view(p.shape[0], *([1] * (step_ndim - 2)))
+    return p
+
+
+def _lif_reference(
+    x: Tensor,
+    decay: Tensor | float,
+    v_threshold: Tensor | float,
+    recurrent_weight: Tensor | None,
+    state: LIFState | None,
+    spec: LIFSpec,
+) -> tuple[Tensor, LIFState]:
+    """The specification: a plain loop over T (dynamics in the module docstring)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    step_ndim = x.ndim - 1
+    decay = _per_channel(decay, step_ndim)
+    v_threshold = _per_channel(v_threshold, step_ndim)
+    if spec.recurrence is Recurrence.self:
+        recurrent_weight = _per_channel(recurrent_weight, step_ndim)
+    if state is None:
+        v = x.new_zeros(x.shape[1:], dtype=acc)
+        o = x.new_zeros(x.shape[1:], dtype=acc)
+    else:
+        v, o = state.v.to(acc), state.spike.to(acc)
+
+    spikes = []
+    # unbind: its backward stacks the T step gradients once, where indexing x[t] would add T
+    # full-size [T, ...] gradient buffers.
+    for x_t in x.unbind(0):
+        h = decay * v + x_t.to(acc)
+        if spec.recurrence is Recurrence.self:
+            h = h + recurrent_weight * o
+        elif spec.recurrence is Recurrence.lateral:
+            h = h + torch.einsum("ij,bj...->bi...", recurrent_weight, o)
+        o = spike(h - v_threshold, spec.surrogate, spec.surrogate_width)
+        o_reset = o.detach() if spec.detach_reset else o
+        if spec.reset is Reset.hard:
+            v = h * (1 - o_reset)
+            if spec.v_reset != 0.0:
+                v = v + spec.v_reset * o_reset
+        elif spec.reset is Reset.soft:
+            v = h - v_threshold * o_reset
+        else:
+            v = h
+        spikes.append(o)
+    return torch.stack(spikes).to(x.dtype), LIFState(v, o)
+
+
+def _check_input(x: Tensor, num_features: int | None) -> None:
+    if not x.is_floating_point() or x.ndim < 2:
+        raise ValueError(
+            f"neuron input must be a float tensor [T, B, ...], got {tuple(x.shape)} {x.dtype}"
+        )
+    if num_features is not None and (x.ndim < 3 or x.shape[2] != num_features):
+        raise ValueError(
+            f"neuron input {tuple(x.shape)} must be [T, B, C, ...] with C = {num_features}"
+        )
+
+
+def lif_multistep(
+    x: Tensor,
+    neuron: NeuronConfig | Mapping[str, Any] | None = None,
+    *,
+    decay: Tensor | None = None,
+    v_threshold: Tensor | None = None,
+    recurrent_weight: Tensor | None = None,
+    state: LIFState | None = None,
+    return_state: bool = False,
+    impl: str | None = None,
+) -> Tensor | tuple[Tensor, LIFState]:
+    """Run a LIF neuron over a whole sequence (dynamics in the module docstring).
+
+    Args:
+        x: input current ``[T, B, C, ...]`` (fp32, bf16, fp16 or fp64).
+        neuron: configuration (defaults if None); its static parts select the code path.
+        decay: per-channel decay ``[C]`` in [0, 1] replacing ``tau_decay`` (learnable decay).
+        v_threshold: per-channel threshold ``[C]`` replacing ``neuron.v_threshold``.
+        recurrent_weight: ``[C]`` for self recurrence, ``[C, C]`` for lateral; required
+            exactly when ``neuron.recurrence`` is not none.
+        state: state from a previous call to continue the sequence; zeros if None.
+        return_state: also return the state after the last step.
+        impl: force an implementation by name (``neuron_impls()``); None dispatches.
+
+    Returns:
+        spikes ``[T, B, C, ...]`` in ``x.dtype`` (0/1), and the ``LIFState`` if asked.
+    """
+    cfg = as_neuron_config(neuron)
+    spec = LIFSpec.from_config(cfg)
+    needs_weight = spec.recurrence is not Recurrence.none
+    if needs_weight != (recurrent_weight is not None):
+        raise ValueError(
+            f"recurrent_weight must be given exactly when recurrence is not none "
+            f"(recurrence = {spec.recurrence.value})"
+        )
+    per_channel = decay is not None or v_threshold is not None or recurrent_weight is not None
+    channels = None
+    if per_channel:
+        channels = next(p.shape[0] for p in (decay, v_threshold, recurrent_weight) if p is not None)
+    _check_input(x, channels)
+    if decay is None:
+        decay = cfg.tau_decay if cfg.leak else 1.0
+    elif not cfg.leak:
+        raise ValueError("decay was given but neuron.leak is false (IF has no decay)")
+    if v_threshold is None:
+        v_threshold = cfg.v_threshold
+    spikes, final = _impl_fn(x, spec, impl)(x, decay, v_threshold, recurrent_weight, state, spec)
+    return (spikes, final) if return_state else spikes
+
+
+class LIF(nn.Module):
+    """A layer of LIF neurons: ``[T, B, C, ...] -> [T, B, C, ...]`` spikes.
+
+    Holds only parameters (learnable decay, threshold, recurrent weights, per channel) and the
+    firing-statistics switch used by ``models.firing``; the membrane lives inside each call.
+
+    Args:
+        num_features: channels C (dim 2 of the input).
+        neuron: ``NeuronConfig``, a mapping of its fields, or None for the defaults.
+    """
+
+    def __init__(self, num_features: int, neuron: NeuronConfig | Mapping[str, Any] | None = None):
+        super().__init__()
+        cfg = as_neuron_config(neuron)
+        self.num_features = num_features
+        self.neuron = cfg
+        self.spec = LIFSpec.from_config(cfg)
+        self.decay_logit = (
+            nn.Parameter(torch.full((num_features,), math.log(cfg.tau_decay / (1 - cfg.tau_decay))))
+            if cfg.learnable_decay
+            else None
+        )
+        self.v_threshold = (
+            nn.Parameter(torch.full((num_features,), cfg.v_threshold))
+            if cfg.learnable_threshold
+            else None
+        )
+        # Zero recurrent weights: training starts from the plain neuron and learns the loop.
+        if cfg.recurrence is Recurrence.self:
+            self.recurrent_weight = nn.Parameter(torch.zeros(num_features))
+        elif cfg.recurrence is Recurrence.lateral:
+            self.recurrent_weight = nn.Parameter(torch.zeros(num_features, num_features))
+        else:
+            self.recurrent_weight = None
+        # Firing statistics (models.firing): off by default, and then never touched in forward.
+        # The counts are a plain attribute, not a buffer, so DDP does not broadcast them.
+        self.record_firing = False
+        self.spike_count: Tensor | None = None  # float64 [spikes, neuron slots]
+        self.neuron_shape: tuple[int, ...] | None = None  # [C, ...] of the last recorded call
+
+    def decay(self) -> Tensor | float:
+        """Membrane decay: ``[C]`` tensor if learnable, else ``tau_decay`` (1 without leak)."""
+        if self.decay_logit is not None:
+            return torch.sigmoid(self.decay_logit)
+        return self.neuron.tau_decay if self.neuron.leak else 1.0
+
+    def threshold(self) -> Tensor | float:
+        """Firing threshold: ``[C]`` tensor if learnable, else ``v_threshold``."""
+        return self.v_threshold if self.v_threshold is not None else self.neuron.v_threshold
+
+    def forward(
+        self, x: Tensor, state: LIFState | None = None, return_state: bool = False
+    ) -> Tensor | tuple[Tensor, LIFState]:
+        """Spikes ``[T, B, C, ...]`` in ``x.dtype`` for input current ``x [T, B, C, ...]``;
+        ``state``/``return_state`` as in ``lif_multistep``."""
+        _check_input(x, self.num_features)
+        fn = _impl_fn(x, self.spec, None)
+        spikes, final = fn(x, self.decay(), self.threshold(), self.recurrent_weight, state, self.spec)
+        if self.record_firing:
+            self._record_firing(spikes)
+        return (spikes, final) if return_state else spikes
+
+    def _record_firing(self, spikes: Tensor) -> None:
+        # In-place adds on a device tensor: no host synchronisation per step.
+        if self.spike_count is None:
+            self.spike_count = torch.zeros(2, dtype=torch.float64, device=spikes.device)
+        elif self.spike_count.device != spikes.device:  # the model moved since the last reset
+            self.spike_count = self.spike_count.to(spikes.device)
+        self.spike_count[0] += spikes.detach().sum(dtype=torch.float64)
+        self.spike_count[1] += spikes.numel()
+        self.neuron_shape = tuple(spikes.shape[2:])
+
+    def extra_repr(self) -> str:
+        cfg = self.neuron
+        decay = "learnable" if cfg.learnable_decay else (cfg.tau_decay if cfg.leak else "none (IF)")
+        return (
+            f"{self.num_features}, decay={decay}, v_threshold={cfg.v_threshold}"
+            f"{' (learnable)' if cfg.learnable_threshold else ''}, reset={cfg.reset.value}, "
+            f"recurrence={cfg.recurrence.value}, surrogate={cfg.surrogate.value}({cfg.surrogate_width})"
+        )

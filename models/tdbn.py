@@ -1,0 +1,96 @@
+"""Threshold-dependent batch normalisation (tdBN, Zheng et al., AAAI 2021).
+
+    x_hat = alpha * V_th * (x - E[x]) / sqrt(Var[x] + eps)
+    y     = lambda * x_hat + beta
+
+per channel, with the mean and variance taken over T x B x H x W: the network folds time into
+the batch before calling it, so a plain BatchNorm over ``[T*B, C, H, W]`` computes exactly these
+statistics. ``alpha = 1`` for layers in series, ``1/sqrt(2)`` for the last BN of a residual
+branch and the downsample shortcut's BN (two pre-activations are added there); ``lambda = 1``
+and ``beta = 0`` at init.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TdBN", "fold_tdbn_into_conv"]
+
+
+class TdBN(nn.Module):
+    """tdBN over folded time: ``[T*B, C, H, W] -> [T*B, C, H, W]``.
+
+    The normalisation is an affine-free ``nn.BatchNorm2d`` (``self.norm``) followed by the
+    explicit ``alpha * V_th`` multiplier and the learned ``weight`` (lambda) and ``bias`` (beta).
+    Keeping the BatchNorm affine-free means ``nn.SyncBatchNorm.convert_sync_batchnorm`` can swap
+    it for a synchronised one without losing the multiplier.
+
+    Args:
+        num_features: channels C.
+        alpha: 1 in series, 1/sqrt(2) where two branches are added.
+        v_threshold: the neurons' threshold V_th (``NeuronConfig.v_threshold``).
+        eps, momentum: as in ``nn.BatchNorm2d`` (running statistics serve eval mode).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        alpha: float = 1.0,
+        v_threshold: float = 0.5,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+    ):
+        super().__init__()
+        self.num_features = num_features
+        self.alpha = float(alpha)
+        self.v_threshold = float(v_threshold)
+        self.norm = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum, affine=False)
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def scale(self) -> Tensor:
+        """Per-channel multiplier ``alpha * V_th * lambda``, shape ``[C]``."""
+        return self.alpha * self.v_threshold * self.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_hat = self.norm(x)
+        return torch.addcmul(self.bias[:, None, None], x_hat, self.scale()[:, None, None])
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, alpha={self.alpha:.4g}, v_threshold={self.v_threshold}"
+
+
+@torch.no_grad()
+def fold_tdbn_into_conv(conv: nn.Conv2d, bn: TdBN) -> nn.Conv2d:
+    """A convolution equal to ``bn(conv(x))`` with ``bn`` in eval mode (running statistics).
+
+    ``W' = W * s / sigma`` and ``b' = (b - mu) * s / sigma + beta`` per output channel, with
+    ``s = alpha * V_th * lambda`` and ``sigma = sqrt(running_var + eps)``. The inputs are not
+    modified; the result has a bias and the same geometry, dtype and device as ``conv``.
+    """
+    if bn.norm.running_mean is None or bn.norm.running_var is None:
+        raise ValueError("fold_tdbn_into_conv needs a TdBN that tracks running statistics")
+    if conv.out_channels != bn.num_features:
+        raise ValueError(
+            f"fold_tdbn_into_conv: conv has {conv.out_channels} output channels, "
+            f"tdBN has {bn.num_features}"
+        )
+    factor = bn.scale() / torch.sqrt(bn.norm.running_var + bn.norm.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.norm.running_mean)
+    folded = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    folded.weight.copy_(conv.weight * factor.view(-1, 1, 1, 1).to(conv.weight.dtype))
+    folded.bias.copy_(((bias - bn.norm.running_mean) * factor + bn.bias).to(conv.weight.dtype))
+    return folded
