@@ -42,7 +42,9 @@ demo: $(STAMP) $(DEMO_DATA)/train.beton
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# SpikingJelly 2.0 is the anchor the benchmarks compare against (pure-Python wheels).
 bench: $(STAMP)
+	$(PY) -m pip install -q --no-deps "spikingjelly==2.0.0" loguru
 	$(PY) -m benchmarks.run
 
 # MLflow UI over the runs' SQLite store (127.0.0.1 only).

@@ -89,3 +89,11 @@ def test_resume_with_an_unnamed_config_change_is_refused(reference, digits_dir, 
     refused = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
     assert refused.returncode == USER_ERROR_EXIT_CODE
     assert "optim.lr" in refused.stderr and "different config" in refused.stderr
+
+
+def test_non_finite_losses_in_a_row_stop_the_run_and_keep_the_checkpoints(digits_dir, tmp_path):
+    done = train(f"run.root={tmp_path}", f"data.path={digits_dir}", "data.num_workers=1", "optim.lr=1e30",
+                 "optim.warmup_epochs=0", "train.checkpoint_every_steps=1", "train.max_nonfinite_steps=3")
+    assert done.returncode == 1
+    assert "3 non-finite losses in a row" in done.stdout
+    assert list((tmp_path / "demo-digits" / "checkpoints").glob("step-*.pt"))
