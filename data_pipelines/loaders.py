@@ -1,0 +1,323 @@
+"""FFCV loaders for every data set, built from one typed config by `create_loader`.
+
+The order in which samples are seen is planned here, not by FFCV: it is a pure function of
+(seed, epoch, rank, world_size), each rank reads a disjoint shard, and a resumed run can start
+mid-epoch by skipping planned batches without decoding them. FFCV then decodes exactly that
+order. One FFCV `Loader` (whose numba pipeline costs seconds to compile) is built per split and
+resolution and reused every epoch, so an epoch starts in milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.ndarray import NDArrayDecoder
+from ffcv.fields.rgb_image import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder,
+                                   SimpleRGBImageDecoder)
+from ffcv.loader import Loader, OrderOption
+from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
+from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, RandomTranslate, Squeeze,
+                             ToDevice, ToTensor, ToTorchImage)
+from ffcv.traversal_order.base import TraversalOrder
+
+from .common import (DATASETS, TRAIN_FILE, VAL_FILE, DataError, build_command, read_meta,
+                     resolve_workers)
+from .transforms import EventFramesToFloat, NormalizeToFloat
+
+SPLIT_FILES = {"train": TRAIN_FILE, "val": VAL_FILE}
+
+#: ImageNet evaluation crops the centre 224/256 of the short side (torchvision's Resize(256) +
+#: CenterCrop(224), ffcv-imagenet's DEFAULT_CROP_RATIO).
+CENTER_CROP_RATIO = 224 / 256
+IMAGENET_RESOLUTION = 224
+
+
+@dataclass
+class DataConfig:
+    """What to load and how (`data:` in the run config).
+
+    Fields that only some data sets use say so; setting them for another data set is an error,
+    except `flip`/`translate` whose `None` means "the data set's default".
+    """
+
+    dataset: str = "digits"       # digits | cifar10 | cifar100 | imagenet | dvs
+    path: str = "data/digits"     # directory with train.beton, val.beton, meta.json
+    batch_size: int = 64          # per rank
+    val_batch_size: int = 0       # per rank; 0 = batch_size
+    num_workers: int = -1         # FFCV decode threads (FFCV also sets torch's intra-op
+    #                               threads to this); -1 = all cores available to this rank
+    resolution: int = 0           # imagenet: train crop size in px (0 = 224); others must be 0
+    val_resolution: int = 0       # imagenet: val centre-crop output size (0 = 224)
+    min_resolution: int = 0       # imagenet progressive resizing: start size (0 = off)
+    ramp_start_epoch: int = 0     # progressive resizing: last epoch at min_resolution
+    ramp_end_epoch: int = 0       # progressive resizing: first epoch at resolution
+    flip: Optional[bool] = None   # random horizontal flip in training (None: images yes, else no)
+    translate: Optional[int] = None  # random shift up to N px in training, cifar/dvs
+    #                                  (None: cifar 4 = the usual pad-4 random crop, else 0)
+
+
+def default_flip(dataset: str) -> bool:
+    """Flip natural images; never digits or event data (gesture classes are left/right pairs)."""
+    return dataset in ("cifar10", "cifar100", "imagenet")
+
+
+def default_translate(dataset: str) -> int:
+    """CIFAR's standard augmentation is a 32 px crop of the 4-px padded image."""
+    return 4 if dataset in ("cifar10", "cifar100") else 0
+
+
+def progressive_resolution(epoch: int, min_res: int, max_res: int, start_ramp: int,
+                           end_ramp: int) -> int:
+    """ffcv-imagenet's schedule: `min_res` up to `start_ramp`, `max_res` from `end_ramp`,
+    linear in between rounded to a multiple of 32 px."""
+    if epoch <= start_ramp:
+        return min_res
+    if epoch >= end_ramp:
+        return max_res
+    interp = np.interp([epoch], [start_ramp, end_ramp], [min_res, max_res])[0]
+    return int(np.round(interp / 32)) * 32
+
+
+def train_order(num_samples: int, batch_size: int, seed: int, epoch: int, rank: int,
+                world_size: int) -> np.ndarray:
+    """Sample indices rank `rank` trains on in `epoch`, in order; length = batches * batch_size.
+
+    One permutation of all samples per (seed, epoch), shared by every rank; rank r takes every
+    world_size-th entry starting at r, after dropping the tail that would not fill a batch on
+    every rank (drop_last). Shards are therefore disjoint and equal in size.
+    """
+    batches = num_samples // (batch_size * world_size)
+    perm = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    return perm[:batches * batch_size * world_size][rank::world_size]
+
+
+def val_shard(num_samples: int, rank: int, world_size: int) -> np.ndarray:
+    """Sample indices rank `rank` evaluates: a contiguous block; the blocks of all ranks cover
+    every sample exactly once (sizes differ by at most one, no padding duplicates)."""
+    bounds = [num_samples * r // world_size for r in range(world_size + 1)]
+    return np.arange(bounds[rank], bounds[rank + 1])
+
+
+#: Compiled FFCV loaders of this process (see `EpochLoader._ffcv_loader`). Keeping them alive
+#: also keeps numba from finalising pipeline functions it compiled several times, which logs
+#: spurious KeyErrors.
+_FFCV_LOADERS: dict[tuple, Loader] = {}
+
+
+class _PlannedOrder(TraversalOrder):
+    """FFCV traversal order that replays the indices `EpochLoader.iterate` planned.
+
+    FFCV's own orders shard with torch's DistributedSampler, which pads shards with duplicates
+    and cannot start mid-epoch; handing FFCV the exact list avoids both.
+    """
+
+    def __init__(self, loader: Loader):
+        super().__init__(loader)
+        self.planned = np.asarray(loader.indices)
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.planned
+
+
+class EpochLoader:
+    """Batches of one split for one rank; `iterate(epoch, start_batch)` is the whole interface.
+
+    Attributes: `meta` (meta.json: num_classes, in_chans, height, width, T, classes, ...),
+    `split`, `batch_size`, `batches_per_epoch` and `samples_per_epoch` (this rank's).
+    """
+
+    def __init__(self, cfg: DataConfig, split: str, meta: dict, beton: Path, *, rank: int,
+                 world_size: int, seed: int, device: torch.device):
+        self.cfg = cfg
+        self.split = split
+        self.meta = meta
+        self.beton = beton
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.device = device
+        self.num_workers = resolve_workers(cfg.num_workers)
+        self.num_samples = int(meta["counts"][split])
+        self.train = split == "train"
+        if self.train:
+            self.batch_size = cfg.batch_size
+            self.batches_per_epoch = self.num_samples // (self.batch_size * world_size)
+            if self.batches_per_epoch == 0:
+                raise DataError(f"data.batch_size={cfg.batch_size} x {world_size} ranks exceeds the "
+                                f"{self.num_samples} training samples in {beton}; lower data.batch_size")
+            self.samples_per_epoch = self.batches_per_epoch * self.batch_size
+        else:
+            self.batch_size = cfg.val_batch_size or cfg.batch_size
+            self.samples_per_epoch = len(val_shard(self.num_samples, rank, world_size))
+            self.batches_per_epoch = math.ceil(self.samples_per_epoch / self.batch_size)
+        self.flip = default_flip(meta["dataset"]) if cfg.flip is None else cfg.flip
+        self.translate = (default_translate(meta["dataset"]) if cfg.translate is None
+                          else cfg.translate)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This rank's sample indices for `epoch`, in the order `iterate` yields them."""
+        if self.train:
+            return train_order(self.num_samples, self.batch_size, self.seed, epoch, self.rank,
+                               self.world_size)
+        return val_shard(self.num_samples, self.rank, self.world_size)
+
+    def resolution(self, epoch: int) -> int | None:
+        """Output image size in px at `epoch` (ImageNet only; None = the stored size)."""
+        if self.meta["dataset"] != "imagenet":
+            return None
+        cfg = self.cfg
+        if not self.train:
+            return cfg.val_resolution or IMAGENET_RESOLUTION
+        final = cfg.resolution or IMAGENET_RESOLUTION
+        if cfg.min_resolution == 0:
+            return final
+        return progressive_resolution(epoch, cfg.min_resolution, final, cfg.ramp_start_epoch,
+                                      cfg.ramp_end_epoch)
+
+    def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield `(x, y)` on the device for batches `start_batch ..` of `epoch` on this rank.
+
+        x: float32 `[B, C, H, W]` images (RGB ones with channels-last strides), normalised with
+        meta's mean/std, or `[T, B, 2, H, W]` event counts per frame for DVS; y: int64 `[B]` labels.
+        The tensors live in FFCV's reusable buffers: they stay valid until the next batch is
+        requested (clone to keep them longer). Run one epoch at a time per process: loaders
+        with the same pipeline share one compiled FFCV loader.
+        """
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(f"start_batch={start_batch} outside 0..{self.batches_per_epoch}")
+        order = self.order(epoch)[start_batch * self.batch_size:]
+        if len(order) == 0:
+            return
+        loader = self._ffcv_loader(self.resolution(epoch))
+        loader.traversal_order.planned = order
+        batches = iter(loader)
+        try:
+            yield from _checked(batches)
+        finally:
+            batches.close()  # stops FFCV's decoding thread when the consumer leaves early
+
+    def _ffcv_loader(self, resolution: int | None) -> Loader:
+        """The FFCV loader for `resolution`, compiled once per process and configuration.
+
+        Loaders that differ only in rank or order share one (the order is handed over per
+        epoch), so a test or a restarted trainer in the same process does not recompile.
+        """
+        stat = self.beton.stat()
+        key = (str(self.beton.resolve()), stat.st_ino, stat.st_mtime_ns, self.split,
+               self.batch_size, self.num_workers, str(self.device), resolution, self.flip,
+               self.translate, self.seed * 1000 + self.rank if self.meta["dataset"] == "dvs" else 0)
+        if key not in _FFCV_LOADERS:
+            loader = Loader(str(self.beton), batch_size=self.batch_size,
+                            num_workers=self.num_workers, order=OrderOption.SEQUENTIAL,
+                            drop_last=False, pipelines=self._pipelines(resolution))
+            loader.traversal_order = _PlannedOrder(loader)
+            _FFCV_LOADERS[key] = loader
+        return _FFCV_LOADERS[key]
+
+    def _pipelines(self, resolution: int | None) -> dict[str, list]:
+        """The FFCV pipeline of each field, as in ffcv-imagenet's `create_train_loader`."""
+        dataset, device, train = self.meta["dataset"], self.device, self.train
+        channels_last = device.type == "cuda"
+        flip = [RandomHorizontalFlip()] if train and self.flip else []
+        # Squeeze(1), not Squeeze(): a last batch of one sample must stay [1], not become [].
+        label = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
+        if dataset == "dvs":
+            augment = (train and self.flip, self.translate if train else 0)
+            frames = [NDArrayDecoder(), ToTensor(), ToDevice(device, non_blocking=True),
+                      EventFramesToFloat(*augment, seed=self.seed * 1000 + self.rank)]
+            return {"frames": frames, "label": label}
+        mean, std = self.meta["mean"], self.meta["std"]
+        if dataset == "digits":
+            image = [NDArrayDecoder(), ToTensor(), ToDevice(device, non_blocking=True),
+                     NormalizeToFloat(mean, std, channels_last)]
+            return {"image": image, "label": label}
+        if dataset in ("cifar10", "cifar100"):
+            translate = [RandomTranslate(padding=self.translate)] if train and self.translate else []
+            decode = [SimpleRGBImageDecoder(), *flip, *translate]
+        elif train:  # imagenet
+            decode = [RandomResizedCropRGBImageDecoder((resolution, resolution)), *flip]
+        else:
+            decode = [CenterCropRGBImageDecoder((resolution, resolution), ratio=CENTER_CROP_RATIO)]
+        if device.type == "cuda":  # uint8 crosses to the GPU, which normalises
+            image = [*decode, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
+                     NormalizeToFloat(mean, std, channels_last)]
+        else:  # FFCV's table-lookup normalisation runs in the parallel decode stage, not after it
+            image = [*decode, NormalizeImage(np.array(mean), np.array(std), np.float32),
+                     ToTensor(), ToTorchImage()]
+        return {"image": image, "label": label}
+
+
+def _checked(batches: EpochIterator) -> Iterator[tuple[torch.Tensor, ...]]:
+    """FFCV's `EpochIterator.__next__`, except that it raises when the decoding thread died.
+
+    FFCV's own waits forever on its queue if a pipeline stage raises in the thread.
+    """
+    while True:
+        try:
+            item = batches.output_queue.get(timeout=1.0)
+        except queue.Empty:
+            if batches.is_alive():
+                continue
+            raise RuntimeError("FFCV's decoding thread died before the end of the epoch "
+                               "(its traceback is printed above)") from None
+        if item is None:
+            return
+        slot, result = item
+        if IS_CUDA:  # the batch was produced on a side stream
+            batches.current_stream.wait_stream(batches.cuda_streams[slot])
+        yield result
+
+
+def _check_config(cfg: DataConfig, split: str, rank: int, world_size: int) -> None:
+    if cfg.dataset not in DATASETS:
+        raise DataError(f"data.dataset={cfg.dataset!r} is not one of {', '.join(DATASETS)}")
+    if split not in SPLIT_FILES:
+        raise ValueError(f"split={split!r}; expected 'train' or 'val'")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of size {world_size}")
+    if cfg.batch_size < 1 or cfg.val_batch_size < 0:
+        raise DataError(f"data.batch_size={cfg.batch_size}, data.val_batch_size="
+                        f"{cfg.val_batch_size}: need batch_size >= 1 and val_batch_size >= 0")
+    imagenet_only = {"resolution": cfg.resolution, "val_resolution": cfg.val_resolution,
+                     "min_resolution": cfg.min_resolution}
+    for key, value in imagenet_only.items():
+        if value < 0 or (value and cfg.dataset != "imagenet"):
+            raise DataError(f"data.{key}={value}: only imagenet images are resized "
+                            f"(leave it 0 for {cfg.dataset})")
+    if cfg.min_resolution and cfg.ramp_end_epoch < cfg.ramp_start_epoch:
+        raise DataError(f"data.ramp_end_epoch={cfg.ramp_end_epoch} is before "
+                        f"data.ramp_start_epoch={cfg.ramp_start_epoch}")
+    if cfg.flip and cfg.dataset == "digits":
+        raise DataError("data.flip=true: digits are not mirror-symmetric; flip applies to "
+                        "cifar10, cifar100, imagenet and dvs")
+    if cfg.translate is not None and (cfg.translate < 0 or (
+            cfg.translate and cfg.dataset not in ("cifar10", "cifar100", "dvs"))):
+        raise DataError(f"data.translate={cfg.translate}: random translation applies to "
+                        f"cifar10, cifar100 and dvs only")
+
+
+def create_loader(cfg: DataConfig, split: str, *, rank: int = 0, world_size: int = 1,
+                  seed: int = 0, device: torch.device = torch.device("cpu")) -> EpochLoader:
+    """Loader of `split` ("train" or "val") of the data set in `cfg.path` for one rank.
+
+    Raises `DataError` (one line) when the files are missing or do not match `cfg`.
+    """
+    _check_config(cfg, split, rank, world_size)
+    path = Path(cfg.path)
+    meta = read_meta(path, cfg.dataset)
+    if meta["dataset"] != cfg.dataset:
+        raise DataError(f"data.dataset={cfg.dataset} but {path} holds {meta['dataset']}; "
+                        f"point data.path at a {cfg.dataset} build")
+    beton = path / SPLIT_FILES[split]
+    if not beton.is_file():
+        raise DataError(f"{beton} is missing; rebuild with "
+                        f"{build_command(cfg.dataset, path)} --force")
+    return EpochLoader(cfg, split, meta, beton, rank=rank, world_size=world_size, seed=seed,
+                       device=torch.device(device))

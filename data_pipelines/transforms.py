@@ -1,0 +1,115 @@
+"""FFCV pipeline stages that FFCV 1.0.2 lacks, written in torch so they run on CPU or GPU.
+
+FFCV's own `NormalizeImage` needs cupy on the GPU, and it has nothing for event frames.
+Both stages here write into buffers FFCV allocates per batch slot, so FFCV's stream/event
+bookkeeping (which keeps a slot alive until the consumer is done with it) covers them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
+
+
+class NormalizeToFloat(Operation):
+    """uint8 images `[B, C, H, W]` -> float32 `(x - mean) / std`, on the images' device.
+
+    `mean`/`std` are per channel, in the stored pixel units (0..255 for RGB, 0..16 for the
+    digits). With `channels_last` the result has channels-last strides (what cuDNN convs
+    prefer); otherwise it is contiguous.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], channels_last: bool):
+        super().__init__()
+        self.mean = list(mean)
+        self.std = list(std)
+        self.channels_last = channels_last
+
+    def declare_state_and_memory(self, previous_state: State
+                                 ) -> Tuple[State, Optional[AllocationQuery]]:
+        channels, height, width = previous_state.shape
+        if len(self.mean) != channels:
+            raise ValueError(f"{len(self.mean)} normalisation means for {channels} channels")
+        device = previous_state.device
+        self._mean_t = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self._std_t = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        shape = (height, width, channels) if self.channels_last else (channels, height, width)
+        return (replace(previous_state, jit_mode=False, dtype=torch.float32),
+                AllocationQuery(shape, torch.float32, device))
+
+    def generate_code(self) -> Callable:
+        mean, std, channels_last = self._mean_t, self._std_t, self.channels_last
+
+        def normalize(images: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+            out = dst[:images.shape[0]]
+            if channels_last:
+                out = out.permute(0, 3, 1, 2)
+            torch.sub(images, mean, out=out)
+            return out.div_(std)
+
+        return normalize
+
+
+class EventFramesToFloat(Operation):
+    """Event-count frames `[B, T, 2, H, W]` (int16) -> float32 `[T, B, 2, H, W]`, with optional
+    random horizontal flip (probability 1/2) and random translation by up to `translate` pixels
+    in x and y (vacated pixels are 0, i.e. no events).
+
+    The augmentation draws from its own generator, seeded once from `seed`, so it neither reads
+    nor advances the trainer's torch RNG (this runs in FFCV's loader thread).
+    """
+
+    def __init__(self, flip: bool, translate: int, seed: int):
+        super().__init__()
+        self.flip = flip
+        self.translate = translate
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def declare_state_and_memory(self, previous_state: State
+                                 ) -> Tuple[State, Optional[AllocationQuery]]:
+        self._frame_shape = tuple(previous_state.shape)  # (T, 2, H, W)
+        numel = 1
+        for s in self._frame_shape:
+            numel *= s
+        # Flat per-sample buffer: the first B rows of the slot are B*T*2*H*W contiguous floats,
+        # which we view time-major.
+        return (replace(previous_state, jit_mode=False, dtype=torch.float32),
+                AllocationQuery((numel,), torch.float32, previous_state.device))
+
+    def generate_code(self) -> Callable:
+        steps, polarities, height, width = self._frame_shape
+        flip, pad, gen = self.flip, self.translate, self.generator
+
+        def to_time_major(frames: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+            batch = frames.shape[0]
+            out = dst[:batch].view(steps, batch, polarities, height, width)
+            out.copy_(frames.transpose(0, 1))
+            if flip:
+                flipped = (torch.rand(batch, generator=gen) < 0.5).nonzero().flatten()
+                if len(flipped):
+                    idx = flipped.to(out.device)
+                    out[:, idx] = out[:, idx].flip(-1)
+            if pad:
+                shifts = torch.randint(-pad, pad + 1, (batch, 2), generator=gen).tolist()
+                for b, (dy, dx) in enumerate(shifts):
+                    if dy or dx:
+                        out[:, b] = shift_frames(out[:, b], dy, dx)
+            return out
+
+        return to_time_major
+
+
+def shift_frames(frames: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Shift `[..., H, W]` by `dy` rows down and `dx` columns right, filling with zeros."""
+    height, width = frames.shape[-2:]
+    shifted = torch.zeros_like(frames)
+    if abs(dy) >= height or abs(dx) >= width:
+        return shifted
+    shifted[..., max(dy, 0):height + min(dy, 0), max(dx, 0):width + min(dx, 0)] = \
+        frames[..., max(-dy, 0):height + min(-dy, 0), max(-dx, 0):width + min(-dx, 0)]
+    return shifted
