@@ -97,11 +97,16 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Schema defaults <- YAML file <- `key=value` overrides, validated; returns a `Config`."""
+def load_config(paths: str | Path | list[str | Path] | None, overrides: list[str] = ()) -> Config:
+    """Schema defaults <- YAML file(s), later ones winning <- `key=value` overrides, validated.
+
+    Several files compose an experiment from blocks, e.g. a paper config plus
+    `configs/blocks/deepspeed_zero2.yaml`.
+    """
     layers = [OmegaConf.structured(Config)]
-    if path is not None:
-        path = Path(path)
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    for path in map(Path, paths or []):
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:

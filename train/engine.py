@@ -41,7 +41,8 @@ USER_ERROR_EXIT_CODE = 2
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m train --config FILE [key=value ...]`; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML experiment file (configs/*.yaml)")
+    parser.add_argument("--config", required=True, action="append",
+                        help="YAML experiment file (configs/*.yaml); repeat to add blocks, later ones win")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=0.05")
     args = parser.parse_args(argv)
     try:
@@ -309,8 +310,10 @@ class Trainer:
         self.epoch, self.batch = epoch + 1, 0
         self.tracker.log_metrics({**metrics, "epoch": epoch + 1}, step=epoch + 1)
         self.tracker.log_firing_chart(self.firing_history)
-        if is_best and self.env.is_main:
-            torch.save(self.model.state_dict(), self.run_dir / "best_model.pt")
+        if is_best:
+            weights = self.strategy.model_state_dict()
+            if self.env.is_main:
+                torch.save(weights, self.run_dir / "best_model.pt")
         self.save()
         log(self.env, f"epoch {epoch + 1}/{self.cfg.optim.epochs}  train loss {metrics.get('train/loss', 0):.4f} "
                       f"top1 {metrics.get('train/top1', 0):.4f} | val loss {metrics['val/loss']:.4f} "

@@ -70,6 +70,10 @@ class TorchStrategy:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights (a collective under ZeRO-3: call it on every rank)."""
+        return self.module.state_dict()
+
     def save(self, ckpt: Checkpointer, step: int, client_state: dict[str, Any]) -> None:
         if not self.env.is_main:
             return
@@ -139,6 +143,11 @@ class DeepSpeedStrategy(TorchStrategy):
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.engine.zero_optimization_partition_weights():  # ZeRO-3 shards the weights
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return self.module.state_dict()
 
     def save(self, ckpt: Checkpointer, step: int, client_state: dict[str, Any]) -> None:
         # Every rank writes its shard through the engine; rank 0 then writes our small manifest

@@ -50,3 +50,15 @@ def test_changed_keys_and_hash_follow_the_values():
     assert changed_keys(to_dict(a), to_dict(b)) == ["optim.epochs"]
     assert config_hash(a) != config_hash(b)
     assert config_hash(a) == config_hash(load_config(DEMO))
+
+
+def test_every_shipped_config_and_block_loads():
+    from pathlib import Path
+
+    shipped = sorted(Path("configs").glob("*.yaml"))
+    assert len(shipped) >= 4
+    for path in shipped:
+        load_config(path)
+    for block in sorted(Path("configs/blocks").glob("*.yaml")):
+        cfg = load_config(["configs/cifar10_resnet19.yaml", block])
+        assert cfg.train.strategy == "deepspeed" and cfg.model.name == "spiking_resnet19"
