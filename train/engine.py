@@ -212,7 +212,7 @@ class Trainer:
         n = cfg.model.neuron
         tags = {"model": cfg.model.name, "dataset": cfg.data.dataset, "T": str(cfg.model.T),
                 "neuron": f"{'lif' if n.leak else 'if'}-reset_{_value(n.reset)}-rec_{_value(n.recurrence)}",
-                "strategy": cfg.train.strategy, "precision": cfg.train.precision}
+                "strategy": cfg.train.strategy, "precision": cfg.train.precision, **cfg.tracking.tags}
         self.tracker = Tracker.start(cfg.tracking, runs_root=Path(cfg.run.root), run_dir=self.run_dir,
                                      run_name=cfg.run.name, run_id=run_id, enabled=env.is_main, tags=tags)
         if run_id is None:

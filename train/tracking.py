@@ -31,11 +31,11 @@ import threading
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 
@@ -74,6 +74,7 @@ class TrackingConfig:
     start_timeout_s: how long `Tracker.start` waits for the run to be created (seconds); when it
         is not, the run is created in the background as soon as the store answers.
     close_timeout_s: how long `close` waits for the queue to drain before writing the fallback.
+    tags: extra run tags, e.g. `tracking.tags.sweep_id=...` set by the Slurm launcher.
     """
     uri: Optional[str] = None
     experiment: str = "spikescale"
@@ -85,6 +86,7 @@ class TrackingConfig:
     retry_max_backoff_s: float = 30.0
     start_timeout_s: float = 30.0
     close_timeout_s: float = 15.0
+    tags: Dict[str, str] = field(default_factory=dict)
 
 
 class TrackingError(Exception):
