@@ -73,10 +73,18 @@ def read_dvsgesture(path: str) -> np.ndarray:
 
 
 def read_cifar10dvs(path: str) -> np.ndarray:
-    """CIFAR10-DVS .aedat4, as `tonic.datasets.CIFAR10DVS.__getitem__` reads it."""
+    """CIFAR10-DVS .aedat4, as `tonic.datasets.CIFAR10DVS.__getitem__` reads it.
+
+    The aedat decoder reports a file cut inside a packet as a bare "failed to fill whole buffer"
+    RuntimeError; the skip report says what that means. (A file cut exactly between packets
+    reads as a shorter recording: AEDAT4 without a file-data table has no total length.)
+    """
     import tonic.io
 
-    events = tonic.io.read_aedat4(path)
+    try:
+        events = tonic.io.read_aedat4(path)
+    except RuntimeError as e:  # aedat's only error type: bad header, packet or flatbuffer
+        raise ValueError(f"truncated or corrupt AEDAT4 file ({e})") from None
     events.dtype.names = ["t", "x", "y", "p"]
     return events
 

@@ -1,8 +1,10 @@
-"""DVS builder on N-MNIST .bin and DVS Gesture .npy files written in the formats tonic reads."""
+"""DVS builder on N-MNIST .bin, DVS Gesture .npy and CIFAR10-DVS .aedat4 files written in the
+formats tonic reads."""
 
 from __future__ import annotations
 
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ T = 4
 
 
 def _events(rng, n, size):
-    """n events (a multiple of T) on a size x size sensor, time-ordered, in microseconds."""
+    """n events on a size x size sensor, time-ordered, in microseconds."""
     x = rng.integers(0, size, n)
     y = rng.integers(0, size, n)
     t = np.sort(rng.choice(np.arange(1, 300_000), n, replace=False))
@@ -171,6 +173,103 @@ def test_dvs_gesture_npy_files(tmp_path):
     assert x.shape == (T, 3, 2, 32, 32) and y.tolist() == [0, 10, 4]
     for b, (_, _, (ex, ey, _, ep)) in enumerate(val):
         assert torch.equal(x[:, b], torch.from_numpy(_expected_frames(ex, ey, ep, 32, 0.25)).float())
+
+
+AEDAT4_MAGIC = b"#!AER-DAT4.0\r\n"
+# The DV software's stream description: one polarity-event stream, id 0, on a 128x128 sensor.
+AEDAT4_DESCRIPTION = (
+    '<dv version="2.0"><node name="outInfo" path="/mainloop/Recorder/outInfo/">'
+    '<node name="0" path="/mainloop/Recorder/outInfo/0/">'
+    '<attr key="typeIdentifier" type="string">EVTS</attr>'
+    '<node name="info" path="/mainloop/Recorder/outInfo/0/info/">'
+    '<attr key="sizeX" type="int">128</attr><attr key="sizeY" type="int">128</attr>'
+    '</node></node></node></dv>')
+# flatbuffers struct Event {t: int64; x: int16; y: int16; on: bool} (16 bytes, 8-aligned).
+AEDAT4_EVENT = np.dtype({"names": ["t", "x", "y", "on"], "formats": ["<i8", "<i2", "<i2", "u1"],
+                         "offsets": [0, 8, 10, 12], "itemsize": 16})
+
+
+def _aedat4_ioheader(description: str) -> bytes:
+    """Size-prefixed flatbuffer `table Ioheader {compression, file_data_position, description}`
+    holding only the description (compression None and file_data_position -1 are the defaults:
+    uncompressed packets read to the end of the file).
+
+    Offsets after the size prefix: 0 root offset, 4 "IOHE", 8 vtable (3 fields), 20 table,
+    28 string.
+    """
+    text = description.encode() + b"\0"
+    text += b"\0" * (-len(text) % 4)
+    body = (struct.pack("<I", 20) + b"IOHE" + struct.pack("<5H", 10, 8, 0, 0, 4) + b"\0\0"
+            + struct.pack("<iI", 20 - 8, 28 - 24) + struct.pack("<I", len(description)) + text)
+    return struct.pack("<I", len(body)) + body
+
+
+def _aedat4_event_packet(x, y, t, p) -> bytes:
+    """One packet of stream 0: stream id, byte length, then a size-prefixed flatbuffer
+    `table EventPacket {elements: [Event]}` with identifier "EVTS".
+
+    Offsets from the size prefix: 4 root offset, 8 "EVTS", 12 vtable, 20 table, 28 vector
+    length, 32 events (8-aligned, as the struct needs).
+    """
+    events = np.zeros(len(x), AEDAT4_EVENT)
+    events["t"], events["x"], events["y"], events["on"] = t, x, y, p
+    body = (struct.pack("<I", 20 - 4) + b"EVTS" + struct.pack("<3H", 6, 8, 4) + b"\0\0"
+            + struct.pack("<iI", 20 - 12, 28 - 24) + struct.pack("<I", len(x)) + events.tobytes())
+    payload = struct.pack("<I", len(body)) + body
+    return struct.pack("<II", 0, len(payload)) + payload
+
+
+def _write_aedat4(path, x, y, t, p, packets=3):
+    """An uncompressed AEDAT4 recording as the DV software writes it: magic line, IOHeader,
+    then the events spread over `packets` event packets (the reader must join them)."""
+    parts = np.array_split(np.arange(len(x)), packets)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(AEDAT4_MAGIC + _aedat4_ioheader(AEDAT4_DESCRIPTION) + b"".join(
+        _aedat4_event_packet(x[i], y[i], t[i], p[i]) for i in parts))
+
+
+def test_cifar10dvs_aedat4_downsampled_frames_split_and_corrupt_file(tmp_path):
+    rng = np.random.default_rng(3)
+    root = tmp_path / "CIFAR10DVS"
+    written = {}  # path -> (label, expected frames at 48x48)
+    for label, name in ((1, "automobile"), (3, "cat")):
+        for i in range(10):
+            # Event counts that are not multiples of T: the remainder is dropped, as in tonic.
+            x, y, t, p = _events(rng, int(rng.integers(200, 400)), 128)
+            path = root / name / f"cifar10_{name}_{i}.aedat4"
+            _write_aedat4(path, x, y, t, p)
+            written[str(path)] = (label, _expected_frames(x, y, p, 48, 48 / 128))
+    # An eleventh cat recording cut inside its last packet.
+    bad = root / "cat" / "cifar10_cat_10.aedat4"
+    _write_aedat4(bad, *_events(rng, 300, 128))
+    bad.write_bytes(bad.read_bytes()[:-40])
+
+    out = tmp_path / "out"
+    assert build_main(["dvs", "--set", "cifar10dvs", "--src", str(tmp_path), "--out", str(out),
+                       "--T", str(T), "--size", "48", "--split-seed", "5", "--workers", "2"]) == 0
+
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["num_classes"] == 10 and (meta["height"], meta["width"]) == (48, 48)
+    assert meta["split"] == {"method": "9:1 per class", "seed": 5} and meta["skipped"] == 1
+    (line,) = (out / "skipped.txt").read_text().splitlines()
+    assert line.split("\t")[0] == str(bad) and "truncated or corrupt AEDAT4" in line
+
+    # Every readable recording lands in exactly one split, with its own label and frames.
+    seen = {}
+    for split in ("train", "val"):
+        loader = create_loader(DataConfig(dataset="dvs", path=str(out), batch_size=2,
+                                          num_workers=1), split)
+        x, y = _all(loader)
+        assert x.shape == (T, meta["counts"][split], 2, 48, 48)
+        for b in range(x.shape[1]):
+            (path,) = [p for p, (label, frames) in written.items()
+                       if label == int(y[b]) and torch.equal(x[:, b], torch.from_numpy(frames).float())]
+            assert path not in seen
+            seen[path] = split
+    assert seen.keys() == written.keys()
+    # round(10 / 10) = round(11 / 10) = 1 val file per class; seed 5 puts the cut file in train.
+    assert meta["counts"] == {"train": 18, "val": 2}
+    assert sorted(written[p][0] for p, split in seen.items() if split == "val") == [1, 3]
 
 
 def test_cifar10dvs_split_is_9_to_1_per_class_and_seeded(tmp_path):
