@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev slurm-wlm munge chromium
+APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev slurm-wlm munge iproute2 chromium
 DEMO_DATA := data/digits
 export PYTHONUNBUFFERED := 1
 

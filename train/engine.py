@@ -54,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: Config, cli_keys: set[str] = frozenset()) -> int:
+    stop = StopSignal()  # first, so a signal during start-up is not fatal either
     env = distributed.setup(cfg.train.strategy, cfg.train.device)
     try:
-        return Trainer(cfg, env, cli_keys).fit()
+        return Trainer(cfg, env, cli_keys).fit(stop)
     finally:
+        stop.ignore()  # training is over: a late USR2/TERM must not kill the shutdown
         distributed.teardown()
 
 
@@ -72,6 +74,11 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
+
+    def ignore(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR2):
+                signal.signal(sig, signal.SIG_IGN)
 
 
 def build_model(cfg: Config, meta: dict[str, Any]) -> nn.Module:
@@ -197,7 +204,7 @@ class Trainer:
         return state["mlflow_run_id"]
 
     # ----------------------------------------------------------------------------- loop
-    def fit(self) -> int:
+    def fit(self, stop: StopSignal) -> int:
         cfg, env = self.cfg, self.env
         run_id = self.resume()
         final = self.run_dir / "final_metrics.json"
@@ -218,7 +225,6 @@ class Trainer:
         if run_id is None:
             self.tracker.log_params({**flat_items(to_dict(cfg)), **environment_params(env.world_size, str(env.device))})
             self.tracker.log_artifact(self.run_dir / "config.yaml")
-        stop = StopSignal()
         try:
             for epoch in range(self.epoch, cfg.optim.epochs):
                 self.epoch = epoch
@@ -257,7 +263,8 @@ class Trainer:
             with s.forward_context(boundary):
                 logits = s.model(s.prepare_input(x))
                 loss = self.train_criterion(logits.float(), target)
-            if not self.all_finite(loss):
+            finite, stopping = self.agree(loss, stop)
+            if not finite:
                 self.nonfinite_run += 1
                 self.nonfinite_total += 1
                 s.zero_grad()
@@ -285,18 +292,22 @@ class Trainer:
                                           "train/nonfinite_steps": self.nonfinite_total, **stats}, self.global_step)
                 tick, seen = time.perf_counter(), 0
             every = cfg.train.checkpoint_every_steps
-            if stop.received or (every and self.global_step % every == 0):
+            if stopping or (every and self.global_step % every == 0):
                 self.save()
-            if stop.received:
+            if stopping:
                 return "stopped"
         distributed.all_reduce_sum(totals)
         self.train_totals = totals
         return "done"
 
-    def all_finite(self, loss: torch.Tensor) -> bool:
-        """All ranks agree, so none of them runs a backward the others skip."""
-        flag = torch.isfinite(loss.detach()).double().reshape(1)
-        return bool(distributed.all_reduce_sum(flag).item() == self.env.world_size)
+    def agree(self, loss: torch.Tensor, stop: StopSignal) -> tuple[bool, bool]:
+        """(loss finite on every rank, a stop signal reached any rank), in one all-reduce, so
+        no rank runs a backward or a save that another skips."""
+        flags = torch.stack([torch.isfinite(loss.detach()).double(),
+                             torch.tensor(float(stop.received is not None), dtype=torch.float64,
+                                          device=loss.device)])
+        finite, stops = distributed.all_reduce_sum(flags).tolist()
+        return finite == self.env.world_size, stops > 0
 
     def end_epoch(self, epoch: int) -> None:
         metrics = self.evaluate()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import copy
+import fcntl
 import itertools
 import json
 import logging
@@ -115,6 +116,18 @@ def _artifact_location(uri: str) -> str | None:
         return None
     db = Path(uri[len("sqlite:///"):]).resolve()
     return (db.parent / "mlartifacts").as_uri()
+
+
+def _create_sqlite_store(client, db: Path) -> None:
+    """Touch the store under a file lock: processes that open a new SQLite store at once (the
+    elements of a sweep) otherwise race on creating its tables and can leave it unusable."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client.search_experiments(max_results=1)
+        except Exception as e:  # the sender's own retries deal with a store that stays broken
+            log.warning("could not open the MLflow store %s: %s", db, e)
 
 
 def flatten_config(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -231,6 +244,8 @@ class _Sender:
         from mlflow.tracking import MlflowClient
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
+        if uri.startswith("sqlite:///"):
+            _create_sqlite_store(self.client, Path(uri[len("sqlite:///"):]))
         self.starts: dict[str, dict] = {}  # handle -> its start record, run_id filled in
         self.runs: dict[str, _RunState] = {}  # run id -> state
 
