@@ -53,7 +53,8 @@ class Element:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m launch.submit", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML experiment file (configs/*.yaml)")
+    p.add_argument("--config", required=True, action="append",
+                   help="YAML experiment file (configs/*.yaml); repeat to add blocks, later ones win")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, as for python -m train")
     where = p.add_argument_group("where the job runs")
     where.add_argument("--cluster", choices=["auto", "slurm", "local", "debug"], default="auto",
@@ -138,7 +139,7 @@ def slurm_partitions() -> list[str]:
     return sorted(set(out.stdout.split()))
 
 
-def load(config: Path, overrides: list[str]):
+def load(config: list[Path], overrides: list[str]):
     """The resolved config, or SubmitError with train.config's one-line message."""
     # Imported here, not at the top: the schema pulls in torch, and `--help` or a missing
     # file should not wait for that.
@@ -149,7 +150,7 @@ def load(config: Path, overrides: list[str]):
         raise SubmitError(str(e)) from None
 
 
-def plan(config: Path, overrides: list[str], grid: list[list[str]]) -> tuple[list[Element], str | None, object]:
+def plan(config: list[Path], overrides: list[str], grid: list[list[str]]) -> tuple[list[Element], str | None, object]:
     """The runs to submit, the sweep id (None for one run) and the resolved base config.
 
     grid: the sweep's override sets (`sweep_grid`); [[]] for a single run.
@@ -198,9 +199,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def submit(args: argparse.Namespace) -> int:
-    config = Path(args.config)
-    if not config.is_file():
-        raise SubmitError(f"config file not found: {config}")
+    config = [Path(c) for c in args.config]
+    for path in config:
+        if not path.is_file():
+            raise SubmitError(f"config file not found: {path}")
     timeout_min = minutes(args.time)
     grid = sweep_grid(args.sweep)
     if args.nodes < 1 or args.gpus_per_node < 0 or args.max_requeues < 0 or args.array_parallelism < 1:
@@ -224,7 +226,7 @@ def submit(args: argparse.Namespace) -> int:
     # The job reads this copy, on every requeue: editing configs/*.yaml after submitting must
     # not change (or break) a run that resumes later.
     frozen = folder / "config.yaml"
-    frozen.write_text(config.read_text())
+    frozen.write_text(merged_yaml(config))
 
     uri = tracking_store(base, root)
     executor = build_executor(args, cluster, folder, tasks_per_node, timeout_min,
@@ -240,6 +242,13 @@ def submit(args: argparse.Namespace) -> int:
         for job in jobs:
             job.result()
     return 0
+
+
+def merged_yaml(config: list[Path]) -> str:
+    """The config files merged in order (later ones win), as one YAML the job can read."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.merge(*(OmegaConf.load(p) for p in config)))
 
 
 def tracking_store(base, root: Path) -> str:

@@ -137,3 +137,14 @@ def test_unreachable_controller_is_one_line_with_what_to_do(capsys, monkeypatch)
     monkeypatch.delenv("SLURM_CONF", raising=False)
     err = one_line_error(capsys, ["--config", DEMO, "--cluster", "slurm"])
     assert "does not answer" in err and "--cluster local" in err
+
+
+def test_config_blocks_are_frozen_as_one_merged_file(tmp_path):
+    from launch.submit import merged_yaml
+    from train.config import load_config
+
+    frozen = tmp_path / "config.yaml"
+    frozen.write_text(merged_yaml([Path("configs/cifar10_resnet19.yaml"), Path("configs/blocks/deepspeed_zero2.yaml")]))
+    cfg = load_config(frozen)
+    assert cfg.model.name == "spiking_resnet19" and cfg.train.strategy == "deepspeed"
+    assert cfg.train.deepspeed.zero_stage == 2 and cfg.run.name == "cifar10-resnet19-T4"
