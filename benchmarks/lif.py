@@ -9,7 +9,7 @@ For T in {4, 6, 32}, fp32 and bf16 inputs, it times one forward and backward pas
 - ``spikingjelly``: SpikingJelly's multi-step ``LIFNode`` with the same dynamics, if
   ``import spikingjelly`` works (otherwise a note says it was skipped).
 
-on CPU, and on CUDA when present. Results go to ``benchmarks/results/lif-<device>.json`` with
+on CPU, and on CUDA when present. Results go to ``benchmarks/results/lif-<machine>.json`` with
 the machine named. Default neuron: STBP-tdBN's (decay 0.25, V_th 0.5, hard reset, rectangular).
 
     python -m benchmarks.lif                 # CPU (+ CUDA if available)
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import machine, machine_name, spikingjelly_lif_kwargs
 from models.neurons import REFERENCE_IMPL, LIFSpec, NeuronConfig, lif_multistep, neuron_impl_for
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -38,32 +38,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # [B, C, H, W] per step: a mid-network ResNet feature map, scaled to what each device runs in
 # seconds (CPU: 262 k neurons per step, CUDA: 4.2 M).
 SHAPES = {"cpu": (16, 64, 16, 16), "cuda": (32, 128, 32, 32)}
-
-
-def _cpu_name() -> str:
-    try:  # Linux names the model here; platform.processor() often says only "x86_64"
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine(device: str) -> dict:
-    """Where the numbers were measured."""
-    info = {
-        "platform": platform.platform(),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def _sync(device: str) -> None:
@@ -92,23 +66,12 @@ def _time_fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, g
 def _spikingjelly_fn(cfg: NeuronConfig, device: str):
     """SpikingJelly's multi-step LIF with our dynamics (or None), and a note for the report."""
     try:
-        from spikingjelly.activation_based import functional, neuron, surrogate
+        from spikingjelly.activation_based import functional, neuron
     except ImportError as err:
         return None, f"spikingjelly not importable ({err}); its LIF node was skipped"
-    backend, note = "torch", None
-    if device == "cuda":  # its fused CUDA path needs CuPy
-        try:
-            import cupy  # noqa: F401
-
-            backend = "cupy"
-        except ImportError:
-            note = "cupy not importable: SpikingJelly ran its torch backend on CUDA"
-    # decay_input=False: h = v - (v - v_reset) / tau + x, i.e. decay = 1 - 1/tau.
-    node = neuron.LIFNode(
-        tau=1.0 / (1.0 - cfg.tau_decay), decay_input=False, v_threshold=cfg.v_threshold,
-        v_reset=cfg.v_reset, surrogate_function=surrogate.Sigmoid(), step_mode="m",
-        backend=backend,
-    ).to(device)
+    node = neuron.LIFNode(**spikingjelly_lif_kwargs(cfg), step_mode="m").to(device)
+    note = (f"SpikingJelly implementation: ${'{'}SJ_LIF_CUDA_IMPLEMENTATION{'}'}="
+            f"{os.environ.get('SJ_LIF_CUDA_IMPLEMENTATION', 'auto (its default)')}") if device == "cuda" else None
 
     def run(x: torch.Tensor) -> torch.Tensor:
         functional.reset_net(node)  # SpikingJelly keeps the membrane on the module
@@ -190,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for device in devices:
         report = bench_device(device, args.repeats, args.warmup, not args.no_compile)
-        path = args.out / f"lif-{device}.json"
+        path = args.out / f"lif-{machine_name(device)}.json"
         path.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {path}")
     return 0

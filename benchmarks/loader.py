@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import time
 from datetime import datetime, timezone
@@ -37,6 +36,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from benchmarks.common import cpu_name, machine_name
 from data_pipelines import DataConfig, create_loader
 from data_pipelines.build import main as build_main
 from data_pipelines.common import is_built
@@ -161,16 +161,6 @@ def measure(loaders: dict[str, Callable[[], float]], images: dict[str, int], rou
     return results
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison and write the JSON; returns 0."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loader", description=__doc__.split("\n")[0])
@@ -180,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="timed epochs per loader after the warm-up, interleaved")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/spikescale-bench"))
-    parser.add_argument("--machine", default=f"{socket.gethostname()}-{os.cpu_count()}cpu",
+    parser.add_argument("--machine", default=machine_name("cpu"),
                         help="name of this machine in the results file name")
     parser.add_argument("--out", type=Path, default=None, help="results file (default: "
                         "benchmarks/results/loader-<machine>.json)")
@@ -220,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "ImageNet train pipeline, 224 px random-resized-crop + flip + normalise "
                      "to float32, all on CPU",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"name": args.machine, "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+        "machine": {"name": args.machine, "cpu": cpu_name(), "cpu_count": os.cpu_count(),
                     "load_average_at_end": os.getloadavg(), "platform": platform.platform(),
                     "torch": torch.__version__},
         "data": {**data_info, "ffcv_max_resolution": 500, "ffcv_jpeg_quality": JPEG_QUALITY},

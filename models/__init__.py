@@ -16,6 +16,7 @@ from models.neurons import (
     register_neuron_impl,
 )
 from models.tdbn import TdBN, fold_tdbn_into_conv
+from models import kernels  # noqa: F401  (registers the fused Triton LIF neuron when Triton is installed)
 
 __all__ = [
     "NeuronConfig",

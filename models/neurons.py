@@ -215,10 +215,9 @@ class LIFState(NamedTuple):
 # (x, decay, v_threshold, recurrent_weight, state, spec) -> (spikes [T, B, ...], final state).
 # decay / v_threshold are Python floats or per-channel [C] tensors; recurrent_weight is None,
 # [C] (self) or [C, C] (lateral).
-NeuronImplFn = Callable[
-    [Tensor, "Tensor | float", "Tensor | float", "Tensor | None", "LIFState | None", LIFSpec],
-    "tuple[Tensor, LIFState]",
-]
+# (x, decay, v_threshold, recurrent_weight, state, spec, *, return_state) -> (spikes, final
+# state, or None when return_state is False and the implementation skipped it)
+NeuronImplFn = Callable[..., "tuple[Tensor, LIFState | None]"]
 NeuronImplPredicate = Callable[[Tensor, LIFSpec], bool]
 
 REFERENCE_IMPL = "reference"
@@ -298,8 +297,13 @@ def _lif_reference(
     recurrent_weight: Tensor | None,
     state: LIFState | None,
     spec: LIFSpec,
+    *,
+    return_state: bool = True,
 ) -> tuple[Tensor, LIFState]:
-    """The specification: a plain loop over T (dynamics in the module docstring)."""
+    """The specification: a plain loop over T (dynamics in the module docstring).
+
+    ``return_state`` is part of the implementation signature so fused kernels can skip writing a
+    final state nobody reads; the loop has that state anyway and always returns it."""
     acc = torch.promote_types(x.dtype, torch.float32)
     step_ndim = x.ndim - 1
     decay = _per_channel(decay, step_ndim)
@@ -392,7 +396,8 @@ def lif_multistep(
         raise ValueError("decay was given but neuron.leak is false (IF has no decay)")
     if v_threshold is None:
         v_threshold = cfg.v_threshold
-    spikes, final = _impl_fn(x, spec, impl)(x, decay, v_threshold, recurrent_weight, state, spec)
+    spikes, final = _impl_fn(x, spec, impl)(x, decay, v_threshold, recurrent_weight, state, spec,
+                                            return_state=return_state)
     return (spikes, final) if return_state else spikes
 
 
@@ -453,7 +458,8 @@ class LIF(nn.Module):
         ``state``/``return_state`` as in ``lif_multistep``."""
         _check_input(x, self.num_features)
         fn = _impl_fn(x, self.spec, None)
-        spikes, final = fn(x, self.decay(), self.threshold(), self.recurrent_weight, state, self.spec)
+        spikes, final = fn(x, self.decay(), self.threshold(), self.recurrent_weight, state, self.spec,
+                           return_state=return_state)
         if self.record_firing:
             self._record_firing(spikes)
         return (spikes, final) if return_state else spikes

@@ -266,7 +266,7 @@ def test_dispatch_uses_first_accepting_registered_impl_and_reports_it(monkeypatc
     monkeypatch.setattr(neurons, "_NEURON_IMPLS", [])
     calls = []
 
-    def fake(x, decay, v_threshold, recurrent_weight, state, spec):
+    def fake(x, decay, v_threshold, recurrent_weight, state, spec, *, return_state=True):
         calls.append(spec)
         return torch.full_like(x, 7.0), LIFState(x[0].float(), x[0].float())
 
