@@ -32,9 +32,11 @@ class Config:
     tags: dict = field(default_factory=dict)
 
 
-def load_config(path, overrides=()) -> Config:
-    if not Path(path).is_file():
-        raise ConfigError(f"config file not found: {path}")
+def load_config(paths, overrides=()) -> Config:
+    """One path or a list, like the real schema's load_config (the launcher passes a list)."""
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
     cfg = Config()
     for item in overrides:
         key, _, value = item.partition("=")
