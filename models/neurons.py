@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from models.surrogates import Surrogate, spike
 
@@ -438,6 +439,8 @@ class LIF(nn.Module):
         # Firing statistics (models.firing): off by default, and then never touched in forward.
         # The counts are a plain attribute, not a buffer, so DDP does not broadcast them.
         self.record_firing = False
+        # Activation checkpointing over time (``set_time_chunk``): None runs all T steps at once.
+        self.time_chunk: int | None = None
         self.spike_count: Tensor | None = None  # float64 [spikes, neuron slots]
         self.neuron_shape: tuple[int, ...] | None = None  # [C, ...] of the last recorded call
 
@@ -458,11 +461,46 @@ class LIF(nn.Module):
         ``state``/``return_state`` as in ``lif_multistep``."""
         _check_input(x, self.num_features)
         fn = _impl_fn(x, self.spec, None)
-        spikes, final = fn(x, self.decay(), self.threshold(), self.recurrent_weight, state, self.spec,
-                           return_state=return_state)
+        chunk = self.time_chunk
+        if chunk is not None and x.shape[0] > chunk and self.training and torch.is_grad_enabled():
+            spikes, final = self._run_in_time_chunks(fn, x, state, chunk, return_state)
+        else:
+            spikes, final = fn(x, self.decay(), self.threshold(), self.recurrent_weight, state,
+                               self.spec, return_state=return_state)
         if self.record_firing:
             self._record_firing(spikes)
         return (spikes, final) if return_state else spikes
+
+    def set_time_chunk(self, steps: int | None) -> None:
+        """Checkpoint the time loop in chunks of ``steps`` steps while training with gradients.
+
+        Each chunk is recomputed in backward from its input and the membrane state carried in
+        from the previous chunk, so the neuron keeps the per-step intermediates of one chunk
+        instead of all T (exact: the same arithmetic runs again). None turns it off."""
+        if steps is not None and steps < 1:
+            raise ValueError(f"time chunk must be >= 1 step, got {steps}")
+        self.time_chunk = steps
+
+    def _run_in_time_chunks(
+        self, fn: NeuronImplFn, x: Tensor, state: LIFState | None, chunk: int, return_state: bool
+    ) -> tuple[Tensor, LIFState | None]:
+        decay, threshold, weight = self.decay(), self.threshold(), self.recurrent_weight
+
+        def run(x_c: Tensor, v: Tensor | None, o: Tensor | None, last: bool):
+            carried = None if v is None else LIFState(v, o)
+            spikes_c, final = fn(x_c, decay, threshold, weight, carried, self.spec,
+                                 return_state=not last or return_state)
+            return (spikes_c,) if final is None else (spikes_c, final.v, final.spike)
+
+        pieces = x.split(chunk)
+        out = []
+        v, o = (None, None) if state is None else state
+        for i, x_c in enumerate(pieces):
+            last = i == len(pieces) - 1
+            result = checkpoint(run, x_c, v, o, last, use_reentrant=False)
+            out.append(result[0])
+            v, o = result[1:] if len(result) == 3 else (None, None)
+        return torch.cat(out), (LIFState(v, o) if v is not None else None)
 
     def _record_firing(self, spikes: Tensor) -> None:
         # In-place adds on a device tensor: no host synchronisation per step.

@@ -25,6 +25,7 @@ from timm.models import register_model
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from models.checkpointing import CHECKPOINTING_MODES, spikes_saved_packed
 from models.firing import conv_macs
 from models.neurons import LIF, NeuronConfig, as_neuron_config
 from models.tdbn import TdBN
@@ -219,6 +220,7 @@ class SpikingResNet(nn.Module):
         self.num_classes = num_classes
         self.neuron = cfg
         self.grad_checkpointing = False
+        self.checkpointing = "none"
         self._recorded_input: tuple[int, tuple[int, int, int]] | None = None
 
         if stem == "cifar":
@@ -265,7 +267,21 @@ class SpikingResNet(nn.Module):
         """Recompute each residual block in backward instead of storing its activations (timm
         convention); only in training with gradients on. Neuron state is local to each call,
         and BatchNorm statistics and firing counts are not updated by the recomputation."""
-        self.grad_checkpointing = enable
+        self.set_checkpointing("blocks" if enable else "none")
+
+    def set_checkpointing(self, mode: str, time_chunk: int = 2) -> None:
+        """Activation checkpointing: ``none``, ``blocks`` or ``blocks+time`` (see
+        ``models.checkpointing``); ``time_chunk`` is the steps per chunk of ``blocks+time``.
+        Gradients are the same in every mode."""
+        if mode not in CHECKPOINTING_MODES:
+            raise ValueError(f"checkpointing must be one of {', '.join(CHECKPOINTING_MODES)}; got {mode!r}")
+        if time_chunk < 1:
+            raise ValueError(f"time_chunk must be >= 1, got {time_chunk}")
+        self.checkpointing = mode
+        self.grad_checkpointing = mode != "none"
+        for m in self.modules():
+            if isinstance(m, LIF):
+                m.set_time_chunk(time_chunk if mode == "blocks+time" else None)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``[B, C, H, W]`` or sequences ``[T', B, C, H, W]`` -> spikes of the last stage
@@ -294,11 +310,14 @@ class SpikingResNet(nn.Module):
             self._recorded_input = (stem_calls, tuple(x.shape[-3:]))
         s = self.lif1(y)
         use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        packed = self.checkpointing == "blocks+time"
         for block in self.blocks():
             if use_checkpoint:
-                s = checkpoint(
-                    block, s, use_reentrant=False, context_fn=partial(_checkpoint_contexts, block)
-                )
+                # The block input is the previous LIF's spikes: kept at 1 bit each if asked.
+                with spikes_saved_packed(s) if packed else nullcontext():
+                    s = checkpoint(
+                        block, s, use_reentrant=False, context_fn=partial(_checkpoint_contexts, block)
+                    )
             else:
                 s = block(s)
         return s

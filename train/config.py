@@ -31,6 +31,11 @@ def choice(default: str, *allowed: str) -> Any:
     return field(default=default, metadata={"choices": (default, *allowed)})
 
 
+def at_least(default: int, minimum: int = 1) -> Any:
+    """An int field with a lower bound (checked after merging)."""
+    return field(default=default, metadata={"minimum": minimum})
+
+
 @dataclass
 class RunConfig:
     name: str = "default"          # run directory = <root>/<name>; reruns of a name resume it
@@ -42,7 +47,7 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     name: str = "spiking_resnet_tiny"   # any model registered with timm by `models`
-    T: int = 4                          # timesteps; DVS data brings its own T, which must match
+    T: int = at_least(4)                # timesteps; DVS data brings its own T, which must match
     num_classes: int = 0                # 0: take it from the dataset's meta.json
     in_chans: int = 0                   # 0: take it from the dataset's meta.json
     neuron: NeuronConfig = field(default_factory=NeuronConfig)
@@ -58,12 +63,12 @@ class OptimConfig:
     no_decay_norm_bias: bool = True     # no weight decay on tdBN parameters and biases
     betas_1: float = 0.9
     betas_2: float = 0.999
-    epochs: int = 10
+    epochs: int = at_least(10)
     warmup_epochs: float = 0.0          # linear warmup, then cosine to min_lr
     min_lr: float = 0.0
     label_smoothing: float = 0.0
     grad_clip: float = 0.0              # max global grad norm; 0 disables clipping
-    accumulate: int = 1                 # micro-batches per optimizer step
+    accumulate: int = at_least(1)       # micro-batches per optimizer step
     ema_decay: float = 0.0              # EMA of weights (e.g. 0.9998), evaluated beside the model; 0 = off
     mixup_alpha: float = 0.0            # timm Mixup on image batches; 0 = off
     cutmix_alpha: float = 0.0           # timm CutMix on image batches; 0 = off
@@ -78,12 +83,13 @@ class DeepSpeedConfig:
 class TrainConfig:
     strategy: str = choice("single", "ddp", "deepspeed")
     precision: str = choice("fp32", "bf16", "fp16")
-    checkpointing: str = choice("none", "blocks")   # activation checkpointing of residual blocks
+    checkpointing: str = choice("none", "blocks", "blocks+time")  # activation checkpointing
+    time_chunk: int = at_least(2)       # steps per recomputed chunk under blocks+time
     device: str = choice("auto", "cpu", "cuda")
     checkpoint_every_steps: int = 0     # 0: only at epoch ends and on SIGTERM/SIGUSR2
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = at_least(3)
     resume: str = choice("auto", "never")
-    max_nonfinite_steps: int = 5        # consecutive non-finite losses before the run stops
+    max_nonfinite_steps: int = at_least(5)  # consecutive non-finite losses before the run stops
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
@@ -144,6 +150,8 @@ def _check_choices(node: Any, prefix: str = "") -> None:
         elif "choices" in f.metadata and value not in f.metadata["choices"]:
             allowed = ", ".join(f.metadata["choices"])
             raise ConfigError(f"config key '{key}': {value!r} is not one of: {allowed}")
+        elif "minimum" in f.metadata and value < f.metadata["minimum"]:
+            raise ConfigError(f"config key '{key}': must be >= {f.metadata['minimum']}, got {value}")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -89,8 +89,7 @@ def build_model(cfg: Config, meta: dict[str, Any]) -> nn.Module:
     model = timm.create_model(name, T=cfg.model.T, neuron=cfg.model.neuron,
                               num_classes=cfg.model.num_classes or meta["num_classes"],
                               in_chans=cfg.model.in_chans or meta["in_chans"])
-    if cfg.train.checkpointing == "blocks":
-        model.set_grad_checkpointing(True)
+    model.set_checkpointing(cfg.train.checkpointing, cfg.train.time_chunk)
     return model
 
 

@@ -33,6 +33,14 @@ def test_invalid_choice_lists_allowed_values():
     assert "fp32" in str(e.value) and "bf16" in str(e.value)
 
 
+@pytest.mark.parametrize("override", ["train.time_chunk=0", "model.T=0", "optim.accumulate=0",
+                                      "train.keep_checkpoints=0", "optim.epochs=-1"])
+def test_counts_below_their_minimum_name_the_key_and_bound(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"'{key}': must be >= 1"):
+        load_config(DEMO, [override])
+
+
 def test_missing_config_file_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

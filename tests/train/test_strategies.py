@@ -28,7 +28,10 @@ def single_losses(digits_dir, tmp_path_factory):
     ["train.strategy=ddp"],
     ["train.strategy=deepspeed", "train.deepspeed.zero_stage=1"],
     ["train.strategy=deepspeed", "train.deepspeed.zero_stage=2"],
-], ids=["ddp", "zero1", "zero2"])
+    # Checkpointing changes memory, not gradients: the same trajectory under both strategies.
+    ["train.strategy=ddp", "train.checkpointing=blocks+time"],
+    ["train.strategy=deepspeed", "train.deepspeed.zero_stage=2", "train.checkpointing=blocks+time"],
+], ids=["ddp", "zero1", "zero2", "ddp-blocks+time", "zero2-blocks+time"])
 def test_two_ranks_follow_single_process_trajectory(strategy, single_losses, digits_dir, tmp_path):
     ranked = losses(tmp_path, f"data.path={digits_dir}", "data.batch_size=16", *strategy, nproc=2)
     assert len(ranked) == len(single_losses) == STEPS

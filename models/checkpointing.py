@@ -1,0 +1,81 @@
+"""Activation checkpointing modes of the spiking ResNets, and spikes stored at 1 bit each.
+
+``none``         every activation is kept for backward.
+``blocks``       each residual block keeps only its input and is recomputed in backward.
+``blocks+time``  as ``blocks``, and
+                 - the block inputs, which are spikes (the block before ends in a LIF), are kept
+                   bit-packed: 1 bit per spike instead of 16 or 32;
+                 - every LIF runs its T loop in checkpointed chunks of ``time_chunk`` steps, the
+                   membrane carried across chunk boundaries, so a neuron under recomputation
+                   holds one chunk's intermediates instead of T steps' worth.
+
+All three give the same gradients (the recomputation repeats the same arithmetic, and packing is
+lossless for 0/1 values). What still grows with T: tdBN normalises over T x B x H x W, so its
+statistics and the convolutions it follows see all T steps at once, and a block under
+recomputation holds them for all T (chunking the whole network over time would change tdBN).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import saved_tensors_hooks
+
+__all__ = ["CHECKPOINTING_MODES", "PackedSpikes", "pack_spikes", "unpack_spikes", "spikes_saved_packed"]
+
+CHECKPOINTING_MODES = ("none", "blocks", "blocks+time")
+
+_BIT = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+class PackedSpikes:
+    """A 0/1 tensor stored as bits: ``bits`` holds ceil(numel / 8) bytes."""
+
+    __slots__ = ("bits", "shape", "dtype")
+
+    def __init__(self, bits: Tensor, shape: torch.Size, dtype: torch.dtype):
+        self.bits, self.shape, self.dtype = bits, shape, dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.bits.numel()
+
+
+def pack_spikes(spikes: Tensor) -> PackedSpikes:
+    """Spikes (any float dtype, values exactly 0 or 1, any layout) -> 1 bit each."""
+    flat = spikes.detach().reshape(-1) != 0
+    pad = -flat.numel() % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    bits = (flat.view(-1, 8).to(torch.uint8) * _BIT.to(flat.device)).sum(1, dtype=torch.uint8)
+    return PackedSpikes(bits, spikes.shape, spikes.dtype)
+
+
+def unpack_spikes(packed: PackedSpikes) -> Tensor:
+    """The 0/1 tensor back, contiguous, in its original dtype and shape."""
+    bit = _BIT.to(packed.bits.device)
+    flat = (packed.bits.unsqueeze(1) & bit).ne(0).reshape(-1)
+    return flat[: packed.shape.numel()].to(packed.dtype).view(packed.shape)
+
+
+@contextmanager
+def spikes_saved_packed(spikes: Tensor) -> Iterator[None]:
+    """While active, autograd (and a non-reentrant checkpoint saving its inputs) stores the
+    tensor ``spikes`` bit-packed; every other saved tensor is kept as is.
+
+    The caller vouches that ``spikes`` holds only 0 and 1 (a LIF layer's output)."""
+
+    def pack(t: Tensor) -> Any:
+        if t is spikes or (t.data_ptr() == spikes.data_ptr() and t.shape == spikes.shape
+                           and t.stride() == spikes.stride() and t.dtype == spikes.dtype):
+            return pack_spikes(t)
+        return t
+
+    def unpack(saved: Any) -> Tensor:
+        return unpack_spikes(saved) if isinstance(saved, PackedSpikes) else saved
+
+    with saved_tensors_hooks(pack, unpack):
+        yield
