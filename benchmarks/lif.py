@@ -9,7 +9,11 @@ For T in {4, 6, 32}, fp32 and bf16 inputs, it times one forward and backward pas
 - ``spikingjelly``: SpikingJelly's multi-step ``LIFNode`` with the same dynamics, if
   ``import spikingjelly`` works (otherwise a note says it was skipped).
 
-on CPU, and on CUDA when present. Results go to ``benchmarks/results/lif-<machine>.json`` with
+on CPU, and on CUDA when present. Each row also gives the fraction of a memory roofline it
+reaches: the time to move 5 tensors of the input's size and dtype (x, spikes, x-or-h saved for
+backward, grad_spikes, grad_x) at the device-to-device copy bandwidth measured in the same run
+(``Tensor.copy_`` of a tensor that size, read + write counted), over the measured minimum time.
+Results go to ``benchmarks/results/lif-<machine>.json`` with
 the machine named. Default neuron: STBP-tdBN's (decay 0.25, V_th 0.5, hard reset, rectangular).
 
     python -m benchmarks.lif                 # CPU (+ CUDA if available)
@@ -61,6 +65,33 @@ def _time_fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, g
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     return {"fwd_bwd_ms": round(statistics.median(times), 3), "fwd_bwd_ms_min": round(min(times), 3)}
+
+
+ROOFLINE_PASSES = 5  # x, spikes, x-or-h, grad_spikes, grad_x
+
+
+def copy_bandwidth(nbytes: int, device: str, repeats: int) -> float:
+    """Bytes/s of a device-to-device copy of ``nbytes`` (read + write), best of ``repeats``."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for i in range(repeats + 2):  # two warm-up copies
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        if i >= 2:
+            best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+def add_roofline(rows: list[dict], nbytes: int, bandwidth: float) -> None:
+    """Roofline time of the op (ms) and the fraction of it each row reaches, in place."""
+    roofline_ms = ROOFLINE_PASSES * nbytes / bandwidth * 1e3
+    for r in rows:
+        r["copy_GBps"] = round(bandwidth / 1e9, 1)
+        r["roofline_ms"] = round(roofline_ms, 4)
+        r["roofline_fraction"] = round(roofline_ms / r["fwd_bwd_ms_min"], 3)
 
 
 def _spikingjelly_fn(cfg: NeuronConfig, device: str):
@@ -117,9 +148,12 @@ def bench_device(device: str, repeats: int, warmup: int, compile_: bool) -> dict
                 timing = _time_fwd_bwd(compiled, x, grad, warmup, repeats)
                 rows.append({**row, "impl": "reference_compiled", **timing,
                              "compile_s": round(compile_s, 2)})
+            nbytes = x.numel() * x.element_size()
+            add_roofline(rows, nbytes, copy_bandwidth(nbytes, device, repeats))
             for r in rows:
                 print(f"{device:4s} T={steps:2d} {dtype_name} {r['impl']:20s} "
-                      f"median {r['fwd_bwd_ms']:9.2f} ms  min {r['fwd_bwd_ms_min']:9.2f} ms", flush=True)
+                      f"median {r['fwd_bwd_ms']:9.2f} ms  min {r['fwd_bwd_ms_min']:9.2f} ms  "
+                      f"roofline {r['roofline_fraction']:6.1%}", flush=True)
             results += rows
     return {
         "benchmark": "lif forward+backward",
@@ -133,6 +167,9 @@ def bench_device(device: str, repeats: int, warmup: int, compile_: bool) -> dict
         "repeats": repeats,
         "timing": "wall-clock milliseconds of one forward + backward (median and min); "
                   "compile_s is the first compiled call, which may hit Inductor's on-disk cache",
+        "roofline": f"roofline_ms = {ROOFLINE_PASSES} passes x input bytes / copy bandwidth (copy_GBps: "
+                    "best Tensor.copy_ of the input's size, read + write, same run); "
+                    "roofline_fraction = roofline_ms / fwd_bwd_ms_min (target >= 0.8 on an H100)",
         "notes": notes,
         "results": results,
     }
