@@ -7,7 +7,8 @@
                    bit-packed: 1 bit per spike instead of 16 or 32;
                  - every LIF runs its T loop in checkpointed chunks of ``time_chunk`` steps, the
                    membrane carried across chunk boundaries, so a neuron under recomputation
-                   holds one chunk's intermediates instead of T steps' worth.
+                   holds one chunk's intermediates instead of T steps' worth (the reference
+                   loop; a fused kernel keeps only its input and chunk states anyway).
 
 All three give the same gradients (the recomputation repeats the same arithmetic, and packing is
 lossless for 0/1 values). What still grows with T: tdBN normalises over T x B x H x W, so its

@@ -462,7 +462,10 @@ class LIF(nn.Module):
         _check_input(x, self.num_features)
         fn = _impl_fn(x, self.spec, None)
         chunk = self.time_chunk
-        if chunk is not None and x.shape[0] > chunk and self.training and torch.is_grad_enabled():
+        # Only the reference loop keeps per-step intermediates worth chunking; a fused kernel
+        # saves its input and its own chunk states already.
+        if (chunk is not None and fn is _lif_reference and x.shape[0] > chunk and self.training
+                and torch.is_grad_enabled()):
             spikes, final = self._run_in_time_chunks(fn, x, state, chunk, return_state)
         else:
             spikes, final = fn(x, self.decay(), self.threshold(), self.recurrent_weight, state,
@@ -472,7 +475,8 @@ class LIF(nn.Module):
         return (spikes, final) if return_state else spikes
 
     def set_time_chunk(self, steps: int | None) -> None:
-        """Checkpoint the time loop in chunks of ``steps`` steps while training with gradients.
+        """Checkpoint the time loop in chunks of ``steps`` steps while training with gradients
+        (the reference implementation; fused kernels save only their input already).
 
         Each chunk is recomputed in backward from its input and the membrane state carried in
         from the previous chunk, so the neuron keeps the per-step intermediates of one chunk
