@@ -20,8 +20,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>&1
 status=0
-steps=("${@:-tests lif memory speed}")
-for step in ${steps[*]}; do
+for step in ${@:-tests lif memory speed}; do
     case $step in
     tests)  # the fused kernel against the reference, checkpointing modes, the models on CUDA
         $PY -m pytest -q -p no:cacheprovider tests/models tests/benchmarks 2>&1 | tee "$OUT/pytest-models.log" \

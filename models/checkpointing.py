@@ -19,6 +19,7 @@ recomputation holds them for all T (chunking the whole network over time would c
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Any, Iterator
 
 import torch
@@ -29,7 +30,12 @@ __all__ = ["CHECKPOINTING_MODES", "PackedSpikes", "pack_spikes", "unpack_spikes"
 
 CHECKPOINTING_MODES = ("none", "blocks", "blocks+time")
 
-_BIT = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+@lru_cache(maxsize=None)
+def _bit_weights(device: torch.device) -> Tensor:
+    """1, 2, 4, ..., 128 as uint8 on ``device`` (made once per device, not per pack)."""
+    return torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
 
 
 class PackedSpikes:
@@ -51,14 +57,13 @@ def pack_spikes(spikes: Tensor) -> PackedSpikes:
     pad = -flat.numel() % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    bits = (flat.view(-1, 8).to(torch.uint8) * _BIT.to(flat.device)).sum(1, dtype=torch.uint8)
+    bits = (flat.view(-1, 8).to(torch.uint8) * _bit_weights(flat.device)).sum(1, dtype=torch.uint8)
     return PackedSpikes(bits, spikes.shape, spikes.dtype)
 
 
 def unpack_spikes(packed: PackedSpikes) -> Tensor:
     """The 0/1 tensor back, contiguous, in its original dtype and shape."""
-    bit = _BIT.to(packed.bits.device)
-    flat = (packed.bits.unsqueeze(1) & bit).ne(0).reshape(-1)
+    flat = (packed.bits.unsqueeze(1) & _bit_weights(packed.bits.device)).ne(0).reshape(-1)
     return flat[: packed.shape.numel()].to(packed.dtype).view(packed.shape)
 
 
@@ -70,10 +75,8 @@ def spikes_saved_packed(spikes: Tensor) -> Iterator[None]:
     The caller vouches that ``spikes`` holds only 0 and 1 (a LIF layer's output)."""
 
     def pack(t: Tensor) -> Any:
-        if t is spikes or (t.data_ptr() == spikes.data_ptr() and t.shape == spikes.shape
-                           and t.stride() == spikes.stride() and t.dtype == spikes.dtype):
-            return pack_spikes(t)
-        return t
+        # The checkpoint hands its input tensor itself to the hook.
+        return pack_spikes(t) if t is spikes else t
 
     def unpack(saved: Any) -> Tensor:
         return unpack_spikes(saved) if isinstance(saved, PackedSpikes) else saved

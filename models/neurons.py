@@ -490,21 +490,17 @@ class LIF(nn.Module):
     ) -> tuple[Tensor, LIFState | None]:
         decay, threshold, weight = self.decay(), self.threshold(), self.recurrent_weight
 
-        def run(x_c: Tensor, v: Tensor | None, o: Tensor | None, last: bool):
-            carried = None if v is None else LIFState(v, o)
-            spikes_c, final = fn(x_c, decay, threshold, weight, carried, self.spec,
-                                 return_state=not last or return_state)
-            return (spikes_c,) if final is None else (spikes_c, final.v, final.spike)
+        def run(x_c: Tensor, v: Tensor | None, o: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+            spikes_c, final = fn(x_c, decay, threshold, weight, None if v is None else LIFState(v, o),
+                                 self.spec, return_state=True)
+            return spikes_c, final.v, final.spike
 
-        pieces = x.split(chunk)
         out = []
         v, o = (None, None) if state is None else state
-        for i, x_c in enumerate(pieces):
-            last = i == len(pieces) - 1
-            result = checkpoint(run, x_c, v, o, last, use_reentrant=False)
-            out.append(result[0])
-            v, o = result[1:] if len(result) == 3 else (None, None)
-        return torch.cat(out), (LIFState(v, o) if v is not None else None)
+        for x_c in x.split(chunk):
+            spikes_c, v, o = checkpoint(run, x_c, v, o, use_reentrant=False)
+            out.append(spikes_c)
+        return torch.cat(out), (LIFState(v, o) if return_state else None)
 
     def _record_firing(self, spikes: Tensor) -> None:
         # In-place adds on a device tensor: no host synchronisation per step.

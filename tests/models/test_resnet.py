@@ -1,5 +1,5 @@
 """Spiking ResNets: parameter counts, shapes, encodings, tdBN placement, timm registration,
-gradient checkpointing, and the demo net learning digits."""
+and the demo net learning digits (checkpointing: test_checkpointing.py)."""
 
 import math
 
@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 import models  # noqa: F401  (registers the timm entry points)
 from models.firing import firing_counts, set_firing_recording
 from models.neurons import LIF, NeuronConfig, Reset
-from models.resnet import BasicBlock, Bottleneck, SpikingResNet, SpikingResNetArgumentError
+from models.resnet import BasicBlock, Bottleneck, SpikingResNetArgumentError
 from models.tdbn import TdBN
 
 NAMES = [
@@ -137,33 +137,6 @@ def test_factory_rejects_unknown_arguments_and_pretrained():
         timm.create_model("spiking_resnet_tiny", nueron=dict(reset="soft"))
     with pytest.raises(SpikingResNetArgumentError, match="pretrained"):
         timm.create_model("spiking_resnet_tiny", pretrained=True)
-
-
-def _step(model: SpikingResNet, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    model.zero_grad()
-    torch.nn.functional.cross_entropy(model(x), y).backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def test_grad_checkpointing_gives_the_same_grads_stats_and_firing_counts():
-    torch.manual_seed(0)
-    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
-    models_ = []
-    for checkpointed in (False, True):
-        torch.manual_seed(1)
-        model = timm.create_model("spiking_resnet_tiny", T=3, neuron=dict(recurrence="self")).train()
-        model.set_grad_checkpointing(checkpointed)
-        set_firing_recording(model, True)
-        models_.append((model, _step(model, x, y)))
-    (plain, grads_plain), (ckpt, grads_ckpt) = models_
-    assert grads_plain.keys() == grads_ckpt.keys()
-    for name in grads_plain:
-        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], rtol=0, atol=0, msg=name)
-    # The recomputation in backward must not update BatchNorm statistics or firing counts again.
-    for (name, a), (_, b) in zip(plain.state_dict().items(), ckpt.state_dict().items()):
-        assert torch.equal(a, b), name
-    counts_plain, counts_ckpt = firing_counts(plain), firing_counts(ckpt)
-    assert all(torch.equal(counts_plain[k], counts_ckpt[k]) for k in counts_plain)
 
 
 def test_tiny_demo_net_learns_digits_above_90_percent():
