@@ -8,7 +8,8 @@ readers and frame binning, not the data set classes (which download when files l
 - DVS Gesture  DVSGesture/ibmGestureTrain/user<NN>_<lighting>/<label>.npy, ibmGestureTest/...
                (128x128; tonic's preprocessed [N, 4] arrays x, y, p, t in ms)
 - CIFAR10-DVS  CIFAR10DVS/<class>/*.aedat4  (128x128; no official split: 9:1 per class with a
-               fixed seed). Reading .aedat4 needs the `aedat` package.
+               fixed seed). Reading .aedat4 needs the `aedat` package; packets may be
+               uncompressed, LZ4 or zstd (the IOHeader says which).
 
 Each recording becomes int16 event counts `[T, 2, H, W]` (tonic's ToFrame): by default T bins
 holding equal numbers of events, or with `bin_by="time"` T bins of equal duration. Optional

@@ -189,24 +189,25 @@ AEDAT4_EVENT = np.dtype({"names": ["t", "x", "y", "on"], "formats": ["<i8", "<i2
                          "offsets": [0, 8, 10, 12], "itemsize": 16})
 
 
-def _aedat4_ioheader(description: str) -> bytes:
+def _aedat4_ioheader(description: str, compression: int) -> bytes:
     """Size-prefixed flatbuffer `table Ioheader {compression, file_data_position, description}`
-    holding only the description (compression None and file_data_position -1 are the defaults:
-    uncompressed packets read to the end of the file).
+    (file_data_position left at its default -1: packets are read to the end of the file).
 
-    Offsets after the size prefix: 0 root offset, 4 "IOHE", 8 vtable (3 fields), 20 table,
-    28 string.
+    Offsets after the size prefix: 0 root offset, 4 "IOHE", 8 vtable (3 fields), 20 table
+    (vtable offset, compression, description offset), 32 string.
     """
     text = description.encode() + b"\0"
     text += b"\0" * (-len(text) % 4)
-    body = (struct.pack("<I", 20) + b"IOHE" + struct.pack("<5H", 10, 8, 0, 0, 4) + b"\0\0"
-            + struct.pack("<iI", 20 - 8, 28 - 24) + struct.pack("<I", len(description)) + text)
+    body = (struct.pack("<I", 20) + b"IOHE" + struct.pack("<5H", 10, 12, 4, 0, 8) + b"\0\0"
+            + struct.pack("<iiI", 20 - 8, compression, 32 - 28) + struct.pack("<I", len(description))
+            + text)
     return struct.pack("<I", len(body)) + body
 
 
-def _aedat4_event_packet(x, y, t, p) -> bytes:
+def _aedat4_event_packet(x, y, t, p, compress) -> bytes:
     """One packet of stream 0: stream id, byte length, then a size-prefixed flatbuffer
-    `table EventPacket {elements: [Event]}` with identifier "EVTS".
+    `table EventPacket {elements: [Event]}` with identifier "EVTS", passed through `compress`
+    (the file's compression applies to each packet's flatbuffer on its own).
 
     Offsets from the size prefix: 4 root offset, 8 "EVTS", 12 vtable, 20 table, 28 vector
     length, 32 events (8-aligned, as the struct needs).
@@ -215,20 +216,34 @@ def _aedat4_event_packet(x, y, t, p) -> bytes:
     events["t"], events["x"], events["y"], events["on"] = t, x, y, p
     body = (struct.pack("<I", 20 - 4) + b"EVTS" + struct.pack("<3H", 6, 8, 4) + b"\0\0"
             + struct.pack("<iI", 20 - 12, 28 - 24) + struct.pack("<I", len(x)) + events.tobytes())
-    payload = struct.pack("<I", len(body)) + body
+    payload = compress(struct.pack("<I", len(body)) + body)
     return struct.pack("<II", 0, len(payload)) + payload
 
 
-def _write_aedat4(path, x, y, t, p, packets=3):
-    """An uncompressed AEDAT4 recording as the DV software writes it: magic line, IOHeader,
-    then the events spread over `packets` event packets (the reader must join them)."""
+def _compressor(name: str):
+    """The DV software's packet compressions (IOHeader enum value, compress function):
+    none, LZ4 frames, zstd frames."""
+    if name == "lz4":
+        lz4_frame = pytest.importorskip("lz4.frame")
+        return 1, lz4_frame.compress
+    if name == "zstd":
+        zstandard = pytest.importorskip("zstandard")
+        return 3, zstandard.ZstdCompressor(level=3).compress
+    return 0, bytes
+
+
+def _write_aedat4(path, x, y, t, p, packets=3, compression="none"):
+    """An AEDAT4 recording as the DV software writes it: magic line, IOHeader, then the events
+    spread over `packets` event packets (the reader must join them)."""
+    code, compress = _compressor(compression)
     parts = np.array_split(np.arange(len(x)), packets)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(AEDAT4_MAGIC + _aedat4_ioheader(AEDAT4_DESCRIPTION) + b"".join(
-        _aedat4_event_packet(x[i], y[i], t[i], p[i]) for i in parts))
+    path.write_bytes(AEDAT4_MAGIC + _aedat4_ioheader(AEDAT4_DESCRIPTION, code) + b"".join(
+        _aedat4_event_packet(x[i], y[i], t[i], p[i], compress) for i in parts))
 
 
-def test_cifar10dvs_aedat4_downsampled_frames_split_and_corrupt_file(tmp_path):
+@pytest.mark.parametrize("compression", ["none", "lz4", "zstd"])
+def test_cifar10dvs_aedat4_downsampled_frames_split_and_corrupt_file(tmp_path, compression):
     rng = np.random.default_rng(3)
     root = tmp_path / "CIFAR10DVS"
     written = {}  # path -> (label, expected frames at 48x48)
@@ -237,11 +252,11 @@ def test_cifar10dvs_aedat4_downsampled_frames_split_and_corrupt_file(tmp_path):
             # Event counts that are not multiples of T: the remainder is dropped, as in tonic.
             x, y, t, p = _events(rng, int(rng.integers(200, 400)), 128)
             path = root / name / f"cifar10_{name}_{i}.aedat4"
-            _write_aedat4(path, x, y, t, p)
+            _write_aedat4(path, x, y, t, p, compression=compression)
             written[str(path)] = (label, _expected_frames(x, y, p, 48, 48 / 128))
     # An eleventh cat recording cut inside its last packet.
     bad = root / "cat" / "cifar10_cat_10.aedat4"
-    _write_aedat4(bad, *_events(rng, 300, 128))
+    _write_aedat4(bad, *_events(rng, 300, 128), compression=compression)
     bad.write_bytes(bad.read_bytes()[:-40])
 
     out = tmp_path / "out"
