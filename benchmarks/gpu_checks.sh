@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The GPU checks of the models and the GPU performance issue in one pass, for a CUDA machine
-# that has torch, triton, timm, psutil, scikit-learn and pytest but not our venv (e.g. a lent
-# H100; estimated at 8 minutes, not yet run on one). Results and logs go to $OUT (default
-# /tmp/spikescale-gpu).
+# that has torch, triton, timm and pytest but not our venv (e.g. a lent H100; estimated at
+# 8 minutes, not yet run on one). Results and logs go to $OUT (default /tmp/spikescale-gpu).
 #
 #   bash benchmarks/gpu_checks.sh [tests|lif|memory|speed ...]    # default: all four
 #
-# SpikingJelly 2.0 (the anchor) is pure Python: where nothing can be downloaded, put its wheels
-# in .whl/ first (pip download --no-deps spikingjelly==2.0.0 loguru -d .whl) and they are
-# installed from there.
+# Pure-Python packages the checks need beyond that (SpikingJelly 2.0, the anchor, and what the
+# model tests import) are installed from .whl/ when it holds wheels; where nothing can be
+# downloaded on the GPU machine, fetch them beforehand (psutil and scikit-learn for its Python):
+#
+#   pip download --no-deps -d .whl spikingjelly==2.0.0 loguru omegaconf antlr4-python3-runtime==4.9.3
+#   pip download --no-deps -d .whl --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux2014_x86_64 psutil scikit-learn scipy threadpoolctl joblib
+#
+# A module still missing is named before anything runs (exit 3).
 set -uo pipefail
 OUT=${OUT:-/tmp/spikescale-gpu}
 mkdir -p "$OUT"
@@ -17,6 +22,16 @@ PY=${PYTHON:-python3}
 if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ss-site .whl/*.whl \
         && export PYTHONPATH=/tmp/ss-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+missing=$($PY - <<'PY'
+import importlib.util
+need = ["torch", "triton", "timm", "pytest", "omegaconf", "sklearn", "psutil", "spikingjelly", "loguru"]
+print(" ".join(m for m in need if importlib.util.find_spec(m) is None))
+PY
+)
+if [ -n "$missing" ]; then
+    echo "gpu_checks: missing Python modules: $missing (see the wheels named at the top of $0)" >&2
+    exit 3
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>&1
 status=0

@@ -23,13 +23,13 @@ from ffcv.fields.rgb_image import (CenterCropRGBImageDecoder, RandomResizedCropR
                                    SimpleRGBImageDecoder)
 from ffcv.loader import Loader, OrderOption
 from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
-from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, RandomTranslate, Squeeze,
-                             ToDevice, ToTensor, ToTorchImage)
+from ffcv.transforms import (NormalizeImage, RandomTranslate, Squeeze, ToDevice, ToTensor,
+                             ToTorchImage)
 from ffcv.traversal_order.base import TraversalOrder
 
 from .common import (DATASETS, TRAIN_FILE, VAL_FILE, DataError, build_command, read_meta,
                      resolve_workers)
-from .transforms import EventFramesToFloat, NormalizeToFloat
+from .transforms import EventFramesToFloat, NormalizeToFloat, RandomHorizontalFlipInPlace
 
 SPLIT_FILES = {"train": TRAIN_FILE, "val": VAL_FILE}
 
@@ -157,6 +157,9 @@ class EpochLoader:
             self.batch_size = cfg.val_batch_size or cfg.batch_size
             self.samples_per_epoch = len(val_shard(self.num_samples, rank, world_size))
             self.batches_per_epoch = math.ceil(self.samples_per_epoch / self.batch_size)
+        # Images cross to a GPU as uint8 and are normalised there; on the CPU FFCV's table
+        # lookup normalises inside the parallel decode stage instead.
+        self.normalise_on_device = self.device.type == "cuda"
         self.flip = default_flip(meta["dataset"]) if cfg.flip is None else cfg.flip
         self.translate = (default_translate(meta["dataset"]) if cfg.translate is None
                           else cfg.translate)
@@ -207,12 +210,14 @@ class EpochLoader:
         """The FFCV loader for `resolution`, compiled once per process and configuration.
 
         Loaders that differ only in rank or order share one (the order is handed over per
-        epoch), so a test or a restarted trainer in the same process does not recompile.
+        epoch), so a test or a restarted trainer in the same process does not recompile; a
+        subclass with other pipelines gets its own.
         """
         stat = self.beton.stat()
-        key = (str(self.beton.resolve()), stat.st_ino, stat.st_mtime_ns, self.split,
+        key = (type(self), str(self.beton.resolve()), stat.st_ino, stat.st_mtime_ns, self.split,
                self.batch_size, self.num_workers, str(self.device), resolution, self.flip,
-               self.translate, self.seed * 1000 + self.rank if self.meta["dataset"] == "dvs" else 0)
+               self.translate, self.normalise_on_device,
+               self.seed * 1000 + self.rank if self.meta["dataset"] == "dvs" else 0)
         if key not in _FFCV_LOADERS:
             loader = Loader(str(self.beton), batch_size=self.batch_size,
                             num_workers=self.num_workers, order=OrderOption.SEQUENTIAL,
@@ -225,7 +230,7 @@ class EpochLoader:
         """The FFCV pipeline of each field, as in ffcv-imagenet's `create_train_loader`."""
         dataset, device, train = self.meta["dataset"], self.device, self.train
         channels_last = device.type == "cuda"
-        flip = [RandomHorizontalFlip()] if train and self.flip else []
+        flip = [RandomHorizontalFlipInPlace()] if train and self.flip else []
         # Squeeze(1), not Squeeze(): a last batch of one sample must stay [1], not become [].
         label = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
         if dataset == "dvs":
@@ -245,9 +250,9 @@ class EpochLoader:
             decode = [RandomResizedCropRGBImageDecoder((resolution, resolution)), *flip]
         else:
             decode = [CenterCropRGBImageDecoder((resolution, resolution), ratio=CENTER_CROP_RATIO)]
-        if device.type == "cuda":  # uint8 crosses to the GPU, which normalises
+        if self.normalise_on_device:  # uint8 crosses to the GPU, which normalises
             image = [*decode, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
-                     NormalizeToFloat(mean, std, channels_last)]
+                     NormalizeToFloat(mean, std, channels_last=True)]
         else:  # FFCV's table-lookup normalisation runs in the parallel decode stage, not after it
             image = [*decode, NormalizeImage(np.array(mean), np.array(std), np.float32),
                      ToTensor(), ToTorchImage()]

@@ -1,8 +1,10 @@
-"""FFCV pipeline stages that FFCV 1.0.2 lacks, written in torch so they run on CPU or GPU.
+"""FFCV pipeline stages that FFCV 1.0.2 lacks or does slowly.
 
-FFCV's own `NormalizeImage` needs cupy on the GPU, and it has nothing for event frames.
-Both stages here write into buffers FFCV allocates per batch slot, so FFCV's stream/event
-bookkeeping (which keeps a slot alive until the consumer is done with it) covers them.
+`NormalizeToFloat` and `EventFramesToFloat` are written in torch so they run on CPU or GPU
+(FFCV's own `NormalizeImage` needs cupy on the GPU, and it has nothing for event frames); they
+write into buffers FFCV allocates per batch slot, so FFCV's stream/event bookkeeping (which keeps
+a slot alive until the consumer is done with it) covers them. `RandomHorizontalFlipInPlace` is
+compiled by numba into FFCV's parallel decode stage, like FFCV's own image operations.
 """
 
 from __future__ import annotations
@@ -10,10 +12,53 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
+
+
+class RandomHorizontalFlipInPlace(Operation):
+    """Mirror each `[H, W, C]` uint8 image of the batch left-right with probability `flip_prob`,
+    in place.
+
+    Same result as FFCV's `RandomHorizontalFlip`, which copies every image of the batch into a
+    new buffer through a negative-stride slice: on one core that copy cost about as much as the
+    random-resized-crop's resize (0.15 ms per 224 px image, `benchmarks/loader.py`). Here only
+    the chosen images are touched, by swapping pixels across the middle column.
+    """
+
+    def __init__(self, flip_prob: float = 0.5):
+        super().__init__()
+        self.flip_prob = flip_prob
+
+    def declare_state_and_memory(self, previous_state: State
+                                 ) -> Tuple[State, Optional[AllocationQuery]]:
+        return replace(previous_state, jit_mode=True), None
+
+    def generate_code(self) -> Callable:
+        my_range = Compiler.get_iterator()
+        flip_prob = self.flip_prob
+
+        def flip(images, _):
+            chosen = np.random.rand(images.shape[0]) < flip_prob
+            height, width, channels = images.shape[1], images.shape[2], images.shape[3]
+            for i in my_range(images.shape[0]):
+                if chosen[i]:
+                    image = images[i]
+                    for y in range(height):
+                        for x in range(width // 2):
+                            mirror = width - 1 - x
+                            for c in range(channels):
+                                pixel = image[y, x, c]
+                                image[y, x, c] = image[y, mirror, c]
+                                image[y, mirror, c] = pixel
+            return images
+
+        flip.is_parallel = True
+        return flip
 
 
 class NormalizeToFloat(Operation):

@@ -106,6 +106,7 @@ def test_train_loader_augments_with_flip_and_translate(cifar10_out, cifar10_src)
     augmentations = [_matching_augmentation(p, s) for p, s in zip(pixels, stored)]
     assert None not in augmentations
     assert len(set(augmentations)) > 10  # random: many different flips/shifts
+    assert {flipped for flipped, _, _ in augmentations} == {False, True}
 
 
 def _matching_augmentation(image, stored, pad=4):

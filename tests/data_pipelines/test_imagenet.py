@@ -174,6 +174,40 @@ def test_val_loader_centre_crops_224_of_256_and_normalises(raw_build, imagefolde
         assert _psnr(image.round().clip(0, 255), expected) > 30
 
 
+def _val_batches(loader):
+    return [(x.clone(), y.clone()) for x, y in loader.iterate(0)]
+
+
+def test_device_normalisation_path_matches_the_cpu_one(raw_build):
+    """A CUDA run's image pipeline (uint8 to the device, normalised there in torch,
+    channels-last) gives the CPU pipeline's values (FFCV's table lookup); both run on the CPU."""
+    cfg = DataConfig(dataset="imagenet", path=str(raw_build), batch_size=4, val_resolution=64,
+                     num_workers=1)
+    table = _val_batches(create_loader(cfg, "val"))
+    on_device = create_loader(cfg, "val")
+    on_device.normalise_on_device = True
+    in_torch = _val_batches(on_device)
+    assert len(table) == len(in_torch) == 2
+    for (a, ya), (b, yb) in zip(table, in_torch):
+        assert b.dtype == torch.float32 and b.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(ya, yb)
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_loader_delivers_normalised_channels_last_batches(raw_build):
+    cfg = DataConfig(dataset="imagenet", path=str(raw_build), batch_size=4, val_resolution=64,
+                     num_workers=1)
+    cpu = _val_batches(create_loader(cfg, "val"))
+    cuda = _val_batches(create_loader(cfg, "val", device=torch.device("cuda")))
+    assert len(cpu) == len(cuda) == 2
+    for (a, ya), (b, yb) in zip(cpu, cuda):
+        assert b.is_cuda and yb.is_cuda and b.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(yb.cpu(), ya)
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-6, atol=1e-5)
+
+
 def test_train_loader_random_resized_crops_with_progressive_resizing(raw_build):
     cfg = DataConfig(dataset="imagenet", path=str(raw_build), batch_size=8, resolution=96,
                      min_resolution=32, ramp_start_epoch=1, ramp_end_epoch=3, num_workers=1)
