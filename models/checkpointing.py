@@ -8,12 +8,17 @@
                  - every LIF runs its T loop in checkpointed chunks of ``time_chunk`` steps, the
                    membrane carried across chunk boundaries, so a neuron under recomputation
                    holds one chunk's intermediates instead of T steps' worth (the reference
-                   loop; a fused kernel keeps only its input and chunk states anyway).
+                   loop; a fused kernel keeps only its input and chunk states anyway);
+                 - the stem LIF, outside any block, is recomputed too, so that its chunk states
+                   are not kept: for direct encoding it keeps only the stem output, once.
+                 What a forward pass leaves for backward then grows with T only by the packed
+                 block inputs, 1 bit per spike per step (plus the head's [T, B, C] vectors).
 
 All three give the same gradients (the recomputation repeats the same arithmetic, and packing is
-lossless for 0/1 values). What still grows with T: tdBN normalises over T x B x H x W, so its
-statistics and the convolutions it follows see all T steps at once, and a block under
-recomputation holds them for all T (chunking the whole network over time would change tdBN).
+lossless for 0/1 values). What still grows with T is the peak while one block is recomputed in
+backward: tdBN normalises over T x B x H x W, so its statistics and the convolutions it follows
+see all T steps at once, and the block holds them for all T (chunking the block over time would
+change tdBN's statistics, or cost one more recomputation pass per tdBN to stay exact).
 """
 
 from __future__ import annotations

@@ -308,9 +308,16 @@ class SpikingResNet(nn.Module):
             )
         if self.lif1.record_firing:
             self._recorded_input = (stem_calls, tuple(x.shape[-3:]))
-        s = self.lif1(y)
         use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         packed = self.checkpointing == "blocks+time"
+        if use_checkpoint and packed:
+            # Run in time chunks on its own, the stem LIF would keep one membrane state per
+            # chunk for backward (memory growing with T); recomputed, it keeps only its input,
+            # which for direct encoding is the stem output broadcast over T.
+            s = checkpoint(self.lif1, y, use_reentrant=False,
+                           context_fn=partial(_checkpoint_contexts, self.lif1))
+        else:
+            s = self.lif1(y)
         for block in self.blocks():
             if use_checkpoint:
                 # The block input is the previous LIF's spikes: kept at 1 bit each if asked.

@@ -3,6 +3,7 @@ gradients, BatchNorm statistics and firing counts match `none`."""
 import pytest
 import timm
 import torch
+from torch.autograd.graph import saved_tensors_hooks
 
 import models  # noqa: F401  (registers the spiking models)
 from models import checkpointing
@@ -144,6 +145,50 @@ def test_blocks_plus_time_keeps_each_block_input_at_one_bit_per_spike(monkeypatc
     assert all(m.time_chunk == 2 for m in lifs)
     model.set_checkpointing("none")
     assert all(m.time_chunk is None for m in lifs) and not model.grad_checkpointing
+
+
+def _bytes_saved_for_backward(model, x, monkeypatch):
+    """Bytes a forward pass leaves for backward: each saved tensor's storage once, plus the
+    bit-packed spikes the model's own hook stores instead of some tensors."""
+    storages, packed = {}, []
+    real = checkpointing.pack_spikes
+
+    def spy(t):
+        out = real(t)
+        packed.append(out.nbytes)
+        return out
+
+    def keep(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    monkeypatch.setattr(checkpointing, "pack_spikes", spy)
+    with saved_tensors_hooks(keep, lambda t: t):
+        model(x)
+    return sum(storages.values()) + sum(packed)
+
+
+def test_blocks_plus_time_saved_activations_grow_with_T_only_by_packed_block_inputs(monkeypatch):
+    x = torch.randn(2, 3, 32, 32)
+    steps = (4, 8)  # both above time_chunk, so every LIF runs in chunks
+    growth = {}  # bytes saved for backward per extra step
+    for mode in ("none", "blocks+time"):
+        saved = []
+        for T in steps:
+            torch.manual_seed(0)
+            model = timm.create_model("spiking_resnet19", T=T, num_classes=10).train()
+            model.set_checkpointing(mode, time_chunk=2)
+            block_inputs = []
+            for block in model.blocks():
+                block.register_forward_pre_hook(
+                    lambda _, args: block_inputs.append(args[0].numel() // args[0].shape[0]))
+            saved.append(_bytes_saved_for_backward(model, x, monkeypatch))
+        growth[mode] = (saved[1] - saved[0]) / (steps[1] - steps[0])
+    # 1 bit per spike of every block input, per step (~180 KiB here); the head's few KiB of
+    # [T, B, 512] vectors are the only other thing that grows.
+    packed_per_step = sum(block_inputs) / 8
+    assert packed_per_step <= growth["blocks+time"] <= packed_per_step + 16 * 1024
+    assert growth["none"] > 200 * growth["blocks+time"]
 
 
 def test_unknown_checkpointing_mode_is_refused():
