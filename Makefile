@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev slurm-wlm munge iproute2 chromium
+APT_PACKAGES := pkg-config gcc libturbojpeg0-dev libjpeg-dev libopencv-dev slurm-wlm munge iproute2 chromium
 DEMO_DATA := data/digits
 export PYTHONUNBUFFERED := 1
 
@@ -23,7 +23,8 @@ apt:
 
 # torch is pinned with the torchvision it was built with (timm needs torchvision; the local
 # CPU-only torch wheel cannot load it). FFCV compiles against turbojpeg/OpenCV from apt and
-# needs numpy present at build time, hence no build isolation for it.
+# needs numpy present at build time, hence no build isolation for it. gcc + libjpeg-dev: the
+# loaders' region JPEG decoder (data_pipelines/native/jpeg_region.c) is built on first use.
 $(STAMP): pyproject.toml | apt
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel

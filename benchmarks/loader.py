@@ -4,8 +4,9 @@ All decode the same generated ImageNet-shaped JPEGs (~350 px, quality 90), rando
 to 224 px, flip, and convert to a normalised float32 tensor on the CPU, with the same number of
 workers (FFCV: decode threads; torchvision: DataLoader processes) and batch size:
 
-- ffcv_jpg: a .beton with every image re-encoded at quality 90 (the same decode work as
-  torchvision's);
+- ffcv_jpg: a .beton with every image re-encoded at quality 90 (as many JPEGs to decode as
+  torchvision has; our loaders decode only each crop's rows and columns, see
+  data_pipelines/jpeg_region.py);
 - ffcv_proportion: ffcv-imagenet's ResNet-50 setting (half the images stored raw), the default
   of `python -m data_pipelines.build imagenet`;
 - torchvision: ImageFolder + DataLoader with PIL, from the JPEG files;
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
     image_root = args.cache_dir / f"imagenet-{args.images}"
     data_info = generate_images(image_root, args.images, max(1, os.cpu_count() or 1))
-    # jpg: every image a q90 JPEG, as torchvision reads them (same decode work);
+    # jpg: every image a q90 JPEG, as torchvision reads them;
     # proportion: ffcv-imagenet's ResNet-50 setting (half stored raw), what training uses.
     betons = {mode: args.cache_dir / f"imagenet-{args.images}-ffcv-{mode}" for mode in
               ("jpg", "proportion")}

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.ndarray import NDArrayDecoder
-from ffcv.fields.rgb_image import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder,
-                                   SimpleRGBImageDecoder)
+from ffcv.fields.rgb_image import SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
 from ffcv.transforms import (NormalizeImage, RandomTranslate, Squeeze, ToDevice, ToTensor,
@@ -29,6 +28,7 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from .common import (DATASETS, TRAIN_FILE, VAL_FILE, DataError, build_command, read_meta,
                      resolve_workers)
+from .jpeg_region import crop_decoders
 from .transforms import EventFramesToFloat, NormalizeToFloat, RandomHorizontalFlipInPlace
 
 SPLIT_FILES = {"train": TRAIN_FILE, "val": VAL_FILE}
@@ -246,10 +246,12 @@ class EpochLoader:
         if dataset in ("cifar10", "cifar100"):
             translate = [RandomTranslate(padding=self.translate)] if train and self.translate else []
             decode = [SimpleRGBImageDecoder(), *flip, *translate]
-        elif train:  # imagenet
-            decode = [RandomResizedCropRGBImageDecoder((resolution, resolution)), *flip]
+        elif train:  # imagenet; JPEGs decoded only where the crop is (jpeg_region.py)
+            random_crop, _ = crop_decoders()
+            decode = [random_crop((resolution, resolution)), *flip]
         else:
-            decode = [CenterCropRGBImageDecoder((resolution, resolution), ratio=CENTER_CROP_RATIO)]
+            _, centre_crop = crop_decoders()
+            decode = [centre_crop((resolution, resolution), ratio=CENTER_CROP_RATIO)]
         if self.normalise_on_device:  # uint8 crosses to the GPU, which normalises
             image = [*decode, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
                      NormalizeToFloat(mean, std, channels_last=True)]
