@@ -129,7 +129,7 @@ BENCHMARKS = [
         "train_step",
         argv=lambda c: ["--machine", c.machine,
                         "--out", str(c.results_dir / f"train_step-{c.machine}.json")]
-        + (["--quick"] if c.quick else []),
+        + (["--quick"] if c.quick else ["--compile"] if c.cuda else []),
         results=lambda c: [c.results_dir / f"train_step-{c.machine}.json"],
         table=train_step_table,
     ),

@@ -86,6 +86,7 @@ class TrainConfig:
     checkpointing: str = choice("none", "blocks", "blocks+time")  # activation checkpointing
     time_chunk: int = at_least(2)       # steps per recomputed chunk under blocks+time
     device: str = choice("auto", "cpu", "cuda")
+    compile: bool = False               # torch.compile the model (Inductor); needs checkpointing: none
     checkpoint_every_steps: int = 0     # 0: only at epoch ends and on SIGTERM/SIGUSR2
     keep_checkpoints: int = at_least(3)
     resume: str = choice("auto", "never")
@@ -130,6 +131,7 @@ def load_config(paths: str | Path | list[str | Path] | None, overrides: list[str
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e)) from None
     _check_choices(cfg)
+    _check_combinations(cfg)
     return cfg
 
 
@@ -152,6 +154,16 @@ def _check_choices(node: Any, prefix: str = "") -> None:
             raise ConfigError(f"config key '{key}': {value!r} is not one of: {allowed}")
         elif "minimum" in f.metadata and value < f.metadata["minimum"]:
             raise ConfigError(f"config key '{key}': must be >= {f.metadata['minimum']}, got {value}")
+
+
+def _check_combinations(cfg: Config) -> None:
+    """Keys that are valid alone but not together."""
+    if cfg.train.compile and cfg.train.checkpointing != "none":
+        # Inside a compiled graph a checkpointed block's recomputation repeats the BatchNorm
+        # running-statistic and firing-count updates (the eager path guards them), and the
+        # 1-bit spike storage of blocks+time works through autograd hooks Dynamo cannot trace.
+        raise ConfigError(f"config key 'train.compile': true needs train.checkpointing=none, got "
+                          f"{cfg.train.checkpointing!r}; set train.compile=false to checkpoint activations")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -179,6 +191,12 @@ def flat_items(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two resolved configs."""
+    """Dotted keys whose values differ between two resolved configs. A key the saved config
+    lacks (added to the schema after that run started) counts as unchanged while the current
+    value is its default: the run behaved that way."""
     a, b = flat_items(saved), flat_items(current)
+    defaults = flat_items(to_dict(Config()))
+    for k in b.keys() - a.keys():
+        if k in defaults:
+            a[k] = defaults[k]
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))

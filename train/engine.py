@@ -162,6 +162,12 @@ class Trainer:
         # Mixup makes soft targets (label smoothing included); plain CE still scores validation.
         self.train_criterion = SoftTargetCrossEntropy() if self.mixup else self.criterion
         self.ema = ModelEmaV3(self.model, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        if cfg.train.compile:
+            # In place, after the EMA's copy (which stays eager): the strategy's wrappers call
+            # the compiled forward, and parameter names (hence checkpoints) are unchanged.
+            self.model.compile()
+            log(env, "train.compile: torch.compile (Inductor) compiles the model in its first training step "
+                     "and again in its first evaluation; those two take longer")
         # What a checkpoint carries besides model/optimizer/scheduler/scaler.
         self.epoch, self.batch, self.global_step = 0, 0, 0
         self.best_top1, self.nonfinite_total = -1.0, 0

@@ -60,6 +60,13 @@ def test_changed_keys_and_hash_follow_the_values():
     assert config_hash(a) == config_hash(load_config(DEMO))
 
 
+def test_a_key_added_to_the_schema_after_a_run_started_is_unchanged_at_its_default():
+    saved = to_dict(load_config(DEMO))
+    del saved["train"]["compile"]  # a checkpoint written before the key existed
+    assert changed_keys(saved, to_dict(load_config(DEMO))) == []
+    assert changed_keys(saved, to_dict(load_config(DEMO, ["train.compile=true"]))) == ["train.compile"]
+
+
 def test_every_shipped_config_and_block_loads():
     from pathlib import Path
 

@@ -32,8 +32,9 @@ def train_env() -> dict[str, str]:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def train(*overrides: str, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(train_command(*overrides, nproc=nproc), cwd=REPO, env=train_env(),
+def train(*overrides: str, nproc: int = 1, timeout: int = 600,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(train_command(*overrides, nproc=nproc), cwd=REPO, env={**train_env(), **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
 
 

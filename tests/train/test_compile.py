@@ -1,0 +1,56 @@
+"""`train.compile`: the trainer runs the model through torch.compile (Inductor, on CPU here) and
+follows the eager run; its checkpoints are plain (an eager run resumes them)."""
+import json
+
+import pytest
+import torch
+
+from tests.train.trainrun import DEMO, metric_history, train
+from train.config import ConfigError, load_config
+
+
+def _final(root) -> dict:
+    return json.loads((root / "demo-digits" / "final_metrics.json").read_text())
+
+
+def test_compiled_run_follows_the_eager_run_and_an_eager_run_resumes_it(digits_dir, tmp_path):
+    common = (f"data.path={digits_dir}", "optim.epochs=1", "data.num_workers=1", "tracking.log_every_steps=1")
+    eager = train(f"run.root={tmp_path / 'eager'}", *common)
+    assert eager.returncode == 0, eager.stderr[-3000:]
+    inductor = tmp_path / "inductor"  # where Inductor writes the code it generates
+    compiled = train(f"run.root={tmp_path / 'compiled'}", *common, "train.compile=true",
+                     env={"TORCHINDUCTOR_CACHE_DIR": str(inductor)})
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    assert "torch.compile" in compiled.stdout
+    assert len(list(inductor.rglob("*.py"))) >= 2  # at least the training and the evaluation graphs
+
+    # Same data, same initial weights: the first steps agree to float32 rounding (a threshold
+    # crossed differently by a rounding difference may later change a spike, so only the start
+    # is compared tightly; 44 steps later both have learned alike).
+    losses = {name: [v for _, v in metric_history(tmp_path / name, "train/step_loss")]
+              for name in ("eager", "compiled")}
+    assert len(losses["eager"]) == len(losses["compiled"]) == 44
+    assert losses["compiled"][:8] == pytest.approx(losses["eager"][:8], rel=1e-4)
+    final_e, final_c = _final(tmp_path / "eager"), _final(tmp_path / "compiled")
+    assert final_c["val/top1"] > 0.3 and abs(final_c["val/top1"] - final_e["val/top1"]) < 0.1
+    # Firing rates are recorded through the compiled evaluation as through the eager one.
+    rates = [k for k in final_e if k.startswith("firing_rate/")]
+    assert rates and all(final_c[k] == pytest.approx(final_e[k], abs=0.02) for k in rates)
+
+    # The compiled run's weights and checkpoints carry the plain parameter names...
+    best = torch.load(tmp_path / "compiled" / "demo-digits" / "best_model.pt", weights_only=True)
+    assert "conv1.weight" in best and not any("_orig_mod" in k for k in best)
+    # ... so an eager run (the change named on the command line) resumes it for a second epoch.
+    resumed = train(f"run.root={tmp_path / 'compiled'}", *common[:-1], "tracking.log_every_steps=1",
+                    "optim.epochs=2", "train.compile=false")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    steps = [s for s, _ in metric_history(tmp_path / "compiled", "train/step_loss")]
+    assert steps == list(range(1, 89))
+
+
+@pytest.mark.parametrize("mode", ["blocks", "blocks+time"])
+def test_compile_with_activation_checkpointing_is_refused_with_the_keys(mode):
+    with pytest.raises(ConfigError, match=r"train\.compile.*train\.checkpointing=none"):
+        load_config(DEMO, ["train.compile=true", f"train.checkpointing={mode}"])
+    assert load_config(DEMO, ["train.compile=true"]).train.compile
