@@ -115,6 +115,7 @@ class Job:
     rounds: int
     iters: int
     compiled: bool = False      # ours under torch.compile (Inductor)
+    channels_last: bool = False  # images and conv weights NHWC in memory (as the CUDA loader delivers)
 
 
 # ---------------------------------------------------------------- models and their steps
@@ -125,13 +126,19 @@ SJ_IMPLEMENTATION_ENV = "SJ_LIF_CUDA_IMPLEMENTATION"
 SJ_IMPLEMENTATION = "auto"  # its default, whatever the calling environment says
 
 
+def _place(model: nn.Module, job: Job) -> None:
+    """To the job's device, conv weights channels-last when the job's images are (every
+    implementation alike, as the trainer does on CUDA)."""
+    model.to(job.device, memory_format=torch.channels_last if job.channels_last else torch.preserve_format)
+
+
 def _build(job: Job) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor], Callable[[], None]]:
     """(model on the device, forward images [B, C, H, W] -> logits [B, classes], per-step
     cleanup)."""
     if job.impl == "spikescale":
         model = timm.create_model(job.model, T=job.T, num_classes=job.num_classes)
         model.set_checkpointing(job.checkpointing)
-        model.to(job.device)
+        _place(model, job)
         if job.compiled:
             model.compile()  # in place, as the trainer does
         return model, model, lambda: None
@@ -144,7 +151,7 @@ def _build(job: Job) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor],
             spiking_neuron=neuron.LIFNode, num_classes=job.num_classes,
             **spikingjelly_lif_kwargs(NeuronConfig()))
         functional.set_step_mode(model, "m")
-        model.to(job.device)
+        _place(model, job)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             # Direct encoding as in SpikingJelly's examples: the image at every step, [T, B, ...].
@@ -155,7 +162,8 @@ def _build(job: Job) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor],
     if job.impl == "torchvision_ann":
         import torchvision
 
-        model = torchvision.models.resnet34(num_classes=job.num_classes).to(job.device)
+        model = torchvision.models.resnet34(num_classes=job.num_classes)
+        _place(model, job)
         return model, model, lambda: None
     raise ValueError(f"unknown implementation {job.impl!r}")
 
@@ -225,6 +233,8 @@ def _measure(job: Job) -> dict:
     dtype = PRECISIONS[job.precision]
     scaler = torch.amp.GradScaler(device, enabled=job.precision == "fp16")
     x = torch.randn(job.batch, 3, job.image_px, job.image_px, device=device)
+    if job.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, job.num_classes, (job.batch,), device=device)
 
     def step() -> None:
@@ -318,7 +328,7 @@ def spikingjelly_status() -> dict:
 
 def plan(device: str, steps: tuple[int, ...], workloads: list[Workload], precisions: list[str],
          batch_key: str, batch_override: dict[str, int], sj: dict, warmup: int, rounds: int,
-         iters: int, compile_: bool = False) -> list[Job]:
+         iters: int, compile_: bool = False, channels_last: bool = False) -> list[Job]:
     """Every configuration of the run, anchors first for each (model, T, precision)."""
     jobs = []
     for w in workloads:
@@ -327,7 +337,7 @@ def plan(device: str, steps: tuple[int, ...], workloads: list[Workload], precisi
             for precision in precisions:
                 common = dict(model=w.model, T=T, image_px=w.image_px, num_classes=w.num_classes,
                               precision=precision, device=device, warmup=warmup, rounds=rounds,
-                              iters=iters)
+                              iters=iters, channels_last=channels_last)
                 if w.anchors and sj["available"]:
                     jobs.append(Job("spikingjelly", batch=batch, checkpointing="none",
                                     backend=SJ_IMPLEMENTATION, **common))
@@ -487,6 +497,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="live: workers use glibc's malloc with a fixed 128 KiB mmap threshold, so "
                              "freed activations go back to the OS and peak RSS follows live tensors "
                              "(memory figures closer to CUDA's; steps run slower: use for memory)")
+    parser.add_argument("--memory-format", choices=["auto", "channels_last", "contiguous"], default="auto",
+                        help="layout of the images and conv weights, for every implementation; auto: "
+                             "channels_last on CUDA (what the trainer's CUDA loader delivers), contiguous "
+                             "NCHW on CPU (what its CPU loader delivers)")
     parser.add_argument("--compile", action="store_true",
                         help="also measure our none configuration under torch.compile (Inductor; "
                              "compiling takes minutes per configuration on CPU)")
@@ -508,12 +522,13 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     iters = args.iters if args.iters is not None else (2 if args.quick and cuda else 10 if cuda else 1)
     batch_key = "quick" if args.quick and not cuda else device
+    channels_last = args.memory_format == "channels_last" or (args.memory_format == "auto" and cuda)
     name = args.machine or machine_name(device)
     out = args.out or RESULTS_DIR / f"train_step-{name}.json"
 
     sj = spikingjelly_status()
     jobs = plan(device, steps, [WORKLOADS[m] for m in args.models], precisions, batch_key,
-                dict(args.batch), sj, warmup, rounds, iters, args.compile)
+                dict(args.batch), sj, warmup, rounds, iters, args.compile, channels_last)
     # A forkserver starts one clean interpreter that imports the heavy modules once; each job
     # forks from it: fast, and never from a process that already runs OpenMP threads or CUDA.
     if not cuda and args.cpu_memory == "live":
@@ -558,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": warmup, "rounds": rounds, "iters_per_round": iters,
             "optimizer": f"SGD({', '.join(f'{k}={v}' for k, v in SGD.items())})",
             "cudnn_benchmark": cuda, "quick": args.quick, "isolation": "one fresh process per row",
+            "memory_format": "channels_last (images and conv weights)" if channels_last else "contiguous",
             "spikingjelly_neuron": "LIFNode multi-step, tau=1/(1-tau_decay), decay_input=False, "
                                    "our v_threshold and hard reset, sigmoid surrogate",
         },

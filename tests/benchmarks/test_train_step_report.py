@@ -71,3 +71,20 @@ def test_markdown_marks_compiled_rows():
     add_ratios(rows)
     table = markdown_table({"results": rows})
     assert sum("none +compile" in line for line in table.splitlines()) == 1
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_every_implementation_gets_the_same_layout(channels_last):
+    import torch
+    from torch import nn
+
+    from benchmarks.train_step import _build
+
+    common = dict(model="spiking_resnet19", T=1, batch=1, image_px=32, num_classes=10, checkpointing="none",
+                  precision="fp32", backend="", device="cpu", warmup=0, rounds=1, iters=1,
+                  channels_last=channels_last)
+    for impl in ("spikescale", "torchvision_ann"):
+        model, _, _ = _build(Job(impl, **common))
+        convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+        assert convs and all(w.is_contiguous(memory_format=torch.channels_last) == channels_last
+                             for w in convs if w.shape[-1] > 1)  # a 1x1 kernel is both
