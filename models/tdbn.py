@@ -13,6 +13,7 @@ and ``beta = 0`` at init.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["TdBN", "fold_tdbn_into_conv"]
@@ -21,10 +22,12 @@ __all__ = ["TdBN", "fold_tdbn_into_conv"]
 class TdBN(nn.Module):
     """tdBN over folded time: ``[T*B, C, H, W] -> [T*B, C, H, W]``.
 
-    The normalisation is an affine-free ``nn.BatchNorm2d`` (``self.norm``) followed by the
-    explicit ``alpha * V_th`` multiplier and the learned ``weight`` (lambda) and ``bias`` (beta).
-    Keeping the BatchNorm affine-free means ``nn.SyncBatchNorm.convert_sync_batchnorm`` can swap
-    it for a synchronised one without losing the multiplier.
+    The statistics live in an affine-free ``nn.BatchNorm2d`` (``self.norm``); the forward pass runs
+    one batch-norm kernel with ``alpha * V_th * weight`` (lambda) and ``bias`` (beta) as its
+    affine parameters, so the output keeps the input's dtype and no normalised copy is saved for
+    backward. Keeping the module affine-free means ``nn.SyncBatchNorm.convert_sync_batchnorm``
+    can swap it for a synchronised one (whose forward then runs, followed by the multiplier)
+    without losing the multiplier.
 
     Args:
         num_features: channels C.
@@ -54,11 +57,36 @@ class TdBN(nn.Module):
         return self.alpha * self.v_threshold * self.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        x_hat = self.norm(x)
-        return torch.addcmul(self.bias[:, None, None], x_hat, self.scale()[:, None, None])
+        norm = self.norm
+        if type(norm) is nn.BatchNorm2d:
+            # One batch-norm kernel with the multiplier as its affine weight: output in x's
+            # dtype (bf16 under autocast, so the neurons get bf16 current), and nothing besides
+            # what the kernel keeps is saved for backward.
+            return _batch_norm(norm, x, self.scale(), self.bias)
+        # A replaced norm (e.g. nn.SyncBatchNorm for statistics across ranks) keeps its forward.
+        x_hat = norm(x)
+        scale, bias = self.scale().to(x_hat.dtype), self.bias.to(x_hat.dtype)
+        return torch.addcmul(bias[:, None, None], x_hat, scale[:, None, None])
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, alpha={self.alpha:.4g}, v_threshold={self.v_threshold}"
+
+
+def _batch_norm(bn: nn.BatchNorm2d, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``bn(x)`` with ``weight`` and ``bias`` as its affine parameters: the same running-statistic
+    bookkeeping as ``nn.BatchNorm2d.forward`` (momentum read at each call, so a caller may set it
+    to 0 to leave the statistics as they are)."""
+    if x.dim() != 4:
+        raise ValueError(f"TdBN expects [T*B, C, H, W] input, got shape {tuple(x.shape)}")
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep_running = not bn.training or bn.track_running_stats
+    return F.batch_norm(x, bn.running_mean if keep_running else None, bn.running_var if keep_running else None,
+                        weight, bias, use_batch_stats, momentum, bn.eps)
 
 
 @torch.no_grad()

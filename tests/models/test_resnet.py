@@ -100,6 +100,32 @@ def test_direct_encoding_equals_repeating_the_image_over_time(train):
     torch.testing.assert_close(direct, repeated, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["none", "blocks+time"])
+def test_every_neuron_reads_bf16_current_under_bf16_autocast(mode):
+    """Convolutions give bf16 under autocast; nothing between them and the neurons (tdBN, the
+    residual add, the head's linear layer) may promote to fp32, or every neuron layer would read
+    and write twice the bytes. Spikes come back as exact 0/1 in bf16."""
+    model = timm.create_model("spiking_resnet19", T=2, num_classes=10).train()
+    model.set_checkpointing(mode)
+    seen, spikes = {}, []
+
+    def record(name):
+        def hook(module, args):  # returns None: the arguments stay as they are
+            seen.setdefault(name, args[0].dtype)
+        return hook
+
+    for name, lif in ((n, m) for n, m in model.named_modules() if isinstance(m, LIF)):
+        lif.register_forward_pre_hook(record(name))
+        lif.register_forward_hook(lambda m, args, out: spikes.append(out) and None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(2, 3, 32, 32))
+    logits.float().sum().backward()
+    lifs = [m for m in model.modules() if isinstance(m, LIF)]
+    assert len(seen) == len(lifs) and set(seen.values()) == {torch.bfloat16}, seen
+    out = spikes[0][0] if isinstance(spikes[0], tuple) else spikes[0]
+    assert out.dtype == torch.bfloat16 and set(out.unique().tolist()) <= {0.0, 1.0}
+
+
 def test_bad_input_rank_is_one_clear_error():
     with pytest.raises(ValueError, match=r"\[B, C, H, W\] or \[T, B, C, H, W\]"):
         timm.create_model("spiking_resnet_tiny")(torch.randn(8, 8))

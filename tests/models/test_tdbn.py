@@ -39,6 +39,64 @@ def test_tdbn_normalises_over_time_batch_and_space_with_alpha_vth():
     torch.testing.assert_close(bn.norm.running_var, 0.9 + 0.1 * var * n / (n - 1))
 
 
+class _ReplacedNorm(nn.BatchNorm2d):
+    """Stands for a norm swapped in after construction (e.g. nn.SyncBatchNorm): not fused."""
+
+
+def _saved_bytes(fn, *args) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return total
+
+
+def test_fused_tdbn_equals_the_unfused_form_and_saves_only_its_input():
+    torch.manual_seed(0)
+    x = (torch.randn(12, 8, 6, 6) * 2 + 0.5).requires_grad_()
+    fused, plain = TdBN(8, alpha=0.7, v_threshold=0.4), TdBN(8, alpha=0.7, v_threshold=0.4)
+    plain.norm = _ReplacedNorm(8, affine=False)
+    for bn in (fused, plain):
+        with torch.no_grad():
+            bn.weight.copy_(torch.linspace(0.5, 1.5, 8))
+            bn.bias.copy_(torch.linspace(-0.2, 0.2, 8))
+    y_f, y_p = fused(x), plain(x)
+    torch.testing.assert_close(y_f, y_p)
+    grad = torch.randn_like(y_f)
+    g_f = torch.autograd.grad(y_f, [x, fused.weight, fused.bias], grad)
+    g_p = torch.autograd.grad(y_p, [x, plain.weight, plain.bias], grad)
+    for a, b in zip(g_f, g_p):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(fused.norm, key), getattr(plain.norm, key))
+    # The unfused form also keeps the normalised tensor for the multiplier's gradient.
+    x_bytes = x.numel() * x.element_size()
+    assert _saved_bytes(fused, x) < 1.1 * x_bytes
+    assert _saved_bytes(plain, x) > 1.9 * x_bytes
+
+
+def test_tdbn_output_keeps_the_autocast_dtype():
+    """Under bf16 autocast the conv output is bf16; tdBN must not promote it to fp32 (the
+    neurons would then read and write fp32)."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 8, 6, 6)
+    bn = TdBN(8, alpha=0.7, v_threshold=0.4)
+    ref = bn(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = TdBN(8, alpha=0.7, v_threshold=0.4)(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+    # The replaced-norm path keeps the input dtype too.
+    plain = TdBN(8)
+    plain.norm = _ReplacedNorm(8, affine=False)
+    assert plain(x.bfloat16()).dtype == torch.bfloat16
+
+
 def test_tdbn_eval_uses_running_statistics():
     bn = TdBN(2, alpha=1.0, v_threshold=0.5).eval()
     bn.norm.running_mean.copy_(torch.tensor([1.0, -1.0]))
