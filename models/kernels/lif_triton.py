@@ -428,8 +428,17 @@ def _surrogate_constants(kind: Surrogate, width: float) -> tuple[float, float]:
 
 
 def _kernel_layout(x: Tensor) -> Tensor:
-    """``x`` as the kernels read it: itself when time-major dense, else a contiguous copy."""
-    return x if _is_time_major_dense(x) else x.contiguous()
+    """``x`` as the kernels read it: itself when time-major dense; a time-major copy in the
+    memory order of ``x[0]`` when that step is dense (e.g. the stem output broadcast over T for
+    direct encoding, channels-last on CUDA: the spikes then feed the next conv in its layout);
+    else a contiguous copy."""
+    if _is_time_major_dense(x):
+        return x
+    step = x[0]
+    if _is_time_major_dense(step.unsqueeze(0)):
+        out = torch.empty_strided(x.shape, (step.numel(), *step.stride()), dtype=x.dtype, device=x.device)
+        return out.copy_(x)
+    return x.contiguous()
 
 
 def _like_step(t: Tensor, x: Tensor) -> Tensor:

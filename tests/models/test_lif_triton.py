@@ -272,6 +272,18 @@ def _interpreted_extras() -> dict:
     res["compile_spikes_equal"] = torch.equal(out_c, out_r)
     res["compile_grad_rel"] = max(_rel(a, b) for a, b in zip(grads_c, grads_r))
 
+    # One channels-last step broadcast over T (direct encoding's stem output): the spikes keep
+    # the step's memory order, and values and gradients match the reference.
+    step = torch.randn(2, 6, 3, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    outs = {}
+    for impl in ("triton", "reference"):
+        s = lif_multistep(step.unsqueeze(0).expand(4, *step.shape), NeuronConfig(), impl=impl)
+        (g,) = torch.autograd.grad((s * torch.arange(1.0, 5.0).view(4, 1, 1, 1, 1)).sum(), [step])
+        outs[impl] = (s, g)
+    res["broadcast_step_channels_last"] = outs["triton"][0][0].is_contiguous(memory_format=torch.channels_last)
+    res["broadcast_spikes_equal"] = torch.equal(outs["triton"][0], outs["reference"][0])
+    res["broadcast_grad_rel"] = _rel(outs["triton"][1], outs["reference"][1])
+
     linear = torch.nn.Linear(16, 8)
     xin = torch.randn(5, 4, 16)
     autocast = {}
@@ -357,6 +369,14 @@ def test_interpreted_kernel_under_torch_compile_matches_eager_reference(interpre
     extras = _extras(interpreted)
     assert extras["compile_spikes_equal"]
     assert extras["compile_grad_rel"] <= FP32_TOL
+
+
+@needs_triton
+def test_interpreted_kernel_keeps_the_step_layout_of_an_input_broadcast_over_time(interpreted):
+    extras = _extras(interpreted)
+    assert extras["broadcast_step_channels_last"]
+    assert extras["broadcast_spikes_equal"]
+    assert extras["broadcast_grad_rel"] <= FP32_TOL
 
 
 @needs_triton
