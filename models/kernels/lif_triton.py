@@ -339,17 +339,20 @@ def _lif_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_time_major_dense(x: Tensor) -> bool:
-    """Time is the outermost axis and each step ``x[t]`` is one dense block of memory."""
-    step = x[0]
-    if x.shape[0] > 1 and x.stride(0) != step.numel():
-        return False
+def _is_dense(t: Tensor) -> bool:
+    """``t`` fills one block of memory without gaps or overlaps, in any axis order."""
     expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(step.stride(), step.shape) if n != 1):
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
         if stride != expected:
             return False
         expected *= size
     return True
+
+
+def _is_time_major_dense(x: Tensor) -> bool:
+    """Time is the outermost axis and each step ``x[t]`` is one dense block of memory."""
+    step = x[0]
+    return (x.shape[0] == 1 or x.stride(0) == step.numel()) and _is_dense(step)
 
 
 class _Tiling(NamedTuple):
@@ -435,7 +438,7 @@ def _kernel_layout(x: Tensor) -> Tensor:
     if _is_time_major_dense(x):
         return x
     step = x[0]
-    if _is_time_major_dense(step.unsqueeze(0)):
+    if _is_dense(step):
         out = torch.empty_strided(x.shape, (step.numel(), *step.stride()), dtype=x.dtype, device=x.device)
         return out.copy_(x)
     return x.contiguous()
