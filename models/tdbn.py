@@ -74,8 +74,7 @@ class TdBN(nn.Module):
 
 def _batch_norm(bn: nn.BatchNorm2d, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """``bn(x)`` with ``weight`` and ``bias`` as its affine parameters: the same running-statistic
-    bookkeeping as ``nn.BatchNorm2d.forward`` (momentum read at each call, so a caller may set it
-    to 0 to leave the statistics as they are)."""
+    bookkeeping as ``nn.BatchNorm2d.forward``."""
     if x.dim() != 4:
         raise ValueError(f"TdBN expects [T*B, C, H, W] input, got shape {tuple(x.shape)}")
     momentum = 0.0 if bn.momentum is None else bn.momentum
@@ -85,6 +84,10 @@ def _batch_norm(bn: nn.BatchNorm2d, x: Tensor, weight: Tensor, bias: Tensor) -> 
             momentum = 1.0 / float(bn.num_batches_tracked)
     use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     keep_running = not bn.training or bn.track_running_stats
+    if keep_running and bn.running_mean is not None and weight.dtype != bn.running_mean.dtype:
+        # The kernel takes affine parameters in the dtype of the running statistics (any input
+        # dtype): DeepSpeed's bf16 mode, say, holds parameters in bf16 and these in fp32.
+        weight, bias = weight.to(bn.running_mean.dtype), bias.to(bn.running_mean.dtype)
     return F.batch_norm(x, bn.running_mean if keep_running else None, bn.running_var if keep_running else None,
                         weight, bias, use_batch_stats, momentum, bn.eps)
 

@@ -97,6 +97,29 @@ def test_tdbn_output_keeps_the_autocast_dtype():
     assert plain(x.bfloat16()).dtype == torch.bfloat16
 
 
+def test_tdbn_takes_bf16_parameters_with_fp32_running_statistics():
+    """DeepSpeed's bf16 mode: parameters and input bf16, no autocast, BatchNorm statistics fp32."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 8, 6, 6)
+    ref = TdBN(8, alpha=0.7, v_threshold=0.4)
+    bn = TdBN(8, alpha=0.7, v_threshold=0.4)
+    with torch.no_grad():
+        for m in (ref, bn):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.2, 0.2)
+    bn.load_state_dict(ref.state_dict())
+    bn.weight.data, bn.bias.data = bn.weight.data.bfloat16(), bn.bias.data.bfloat16()
+    xb = x.bfloat16().requires_grad_()
+    y = bn(xb)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref(x), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(bn.norm.running_mean, ref.norm.running_mean, rtol=1e-2, atol=1e-3)
+    y.float().sum().backward()
+    assert bn.weight.grad.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
+    bn.eval()
+    torch.testing.assert_close(bn(x.bfloat16()).float(), ref.eval()(x), rtol=2e-2, atol=2e-2)
+
+
 def test_tdbn_eval_uses_running_statistics():
     bn = TdBN(2, alpha=1.0, v_threshold=0.5).eval()
     bn.norm.running_mean.copy_(torch.tensor([1.0, -1.0]))
