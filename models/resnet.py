@@ -154,25 +154,27 @@ class Bottleneck(nn.Module):
 @contextmanager
 def _no_side_effects(block: nn.Module) -> Iterator[None]:
     """While a checkpointed block is recomputed in backward, keep its BatchNorm running
-    statistics and firing counts from being updated a second time."""
-    saved_lif = [(m, m.record_firing) for m in block.modules() if isinstance(m, LIF)]
-    saved_bn = [
-        (m, m.momentum, m.num_batches_tracked.clone())
-        for m in block.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
-    for lif, _ in saved_lif:
-        lif.record_firing = False
-    for bn, _, _ in saved_bn:
-        bn.momentum = 0.0  # running = 1 * running + 0 * batch: unchanged
+    statistics and firing counts from being updated a second time.
+
+    The recomputation runs exactly as the forward pass did (a compiled block runs the same
+    graph; no attribute it is specialised on changes) and what it adds is taken back after."""
+    bns = [m for m in block.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    lifs = [m for m in block.modules() if isinstance(m, LIF) and m.spike_count is not None]
+    with torch.no_grad():
+        saved_bn = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+                    for m in bns]
+        saved_lif = [(m, m.spike_count.clone()) for m in lifs]
     try:
         yield
     finally:
-        for lif, record in saved_lif:
-            lif.record_firing = record
-        for bn, momentum, tracked in saved_bn:
-            bn.momentum = momentum
-            bn.num_batches_tracked.copy_(tracked)
+        with torch.no_grad():
+            for bn, mean, var, tracked in saved_bn:
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+                bn.num_batches_tracked.copy_(tracked)
+            for lif, count in saved_lif:
+                lif.spike_count.copy_(count)
 
 
 def _checkpoint_contexts(block: nn.Module):
@@ -277,11 +279,39 @@ class SpikingResNet(nn.Module):
             raise ValueError(f"checkpointing must be one of {', '.join(CHECKPOINTING_MODES)}; got {mode!r}")
         if time_chunk < 1:
             raise ValueError(f"time_chunk must be >= 1, got {time_chunk}")
+        if mode != "none" and self._compiled_call_impl is not None:
+            raise ValueError(f"checkpointing {mode!r} after the whole model was compiled: inside one compiled "
+                             "graph a recomputed block would update its BatchNorm statistics and firing "
+                             "counts twice; set the checkpointing mode first, then call compile()")
         self.checkpointing = mode
         self.grad_checkpointing = mode != "none"
         for m in self.modules():
             if isinstance(m, LIF):
                 m.set_time_chunk(time_chunk if mode == "blocks+time" else None)
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """torch.compile (Inductor) in place; parameter names and state dicts stay as they are.
+
+        Without activation checkpointing the whole model is one compiled region
+        (``nn.Module.compile``). With it, each residual block is compiled on its own and the
+        checkpoint stays outside the compiled code, in eager mode: a recomputation in backward
+        then runs the block's own graph again, and its BatchNorm and firing-count updates are
+        taken back as in eager mode (inside one compiled graph they would happen twice), while
+        ``blocks+time`` keeps storing the block inputs at 1 bit each. Blocks of one shape share
+        their compiled graphs; shapes are static, so a recomputation finds the graph its forward
+        pass ran. ``args``/``kwargs`` go to ``torch.compile``."""
+        if self.checkpointing == "none":
+            super().compile(*args, **kwargs)
+            return
+        blocks = self.blocks()
+        # Dynamo keeps at most ``recompile_limit`` graphs per code object, and every block of a
+        # class shares one: a graph per block shape, in training and in evaluation, per batch
+        # size (a last, smaller batch) must fit, or a block would fall back to eager midway.
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 8 * len(blocks))
+        kwargs.setdefault("dynamic", False)
+        for block in blocks:
+            block.compile(*args, **kwargs)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``[B, C, H, W]`` or sequences ``[T', B, C, H, W]`` -> spikes of the last stage

@@ -86,7 +86,7 @@ class TrainConfig:
     checkpointing: str = choice("none", "blocks", "blocks+time")  # activation checkpointing
     time_chunk: int = at_least(2)       # steps per recomputed chunk under blocks+time
     device: str = choice("auto", "cpu", "cuda")
-    compile: bool = False               # torch.compile the model (Inductor); needs checkpointing: none
+    compile: bool = False               # torch.compile the model (Inductor); blocks alone when checkpointing
     checkpoint_every_steps: int = 0     # 0: only at epoch ends and on SIGTERM/SIGUSR2
     keep_checkpoints: int = at_least(3)
     resume: str = choice("auto", "never")
@@ -131,7 +131,6 @@ def load_config(paths: str | Path | list[str | Path] | None, overrides: list[str
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e)) from None
     _check_choices(cfg)
-    _check_combinations(cfg)
     return cfg
 
 
@@ -154,16 +153,6 @@ def _check_choices(node: Any, prefix: str = "") -> None:
             raise ConfigError(f"config key '{key}': {value!r} is not one of: {allowed}")
         elif "minimum" in f.metadata and value < f.metadata["minimum"]:
             raise ConfigError(f"config key '{key}': must be >= {f.metadata['minimum']}, got {value}")
-
-
-def _check_combinations(cfg: Config) -> None:
-    """Keys that are valid alone but not together."""
-    if cfg.train.compile and cfg.train.checkpointing != "none":
-        # Inside a compiled graph a checkpointed block's recomputation repeats the BatchNorm
-        # running-statistic and firing-count updates (the eager path guards them), and the
-        # 1-bit spike storage of blocks+time works through autograd hooks Dynamo cannot trace.
-        raise ConfigError(f"config key 'train.compile': true needs train.checkpointing=none, got "
-                          f"{cfg.train.checkpointing!r}; set train.compile=false to checkpoint activations")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -167,9 +167,11 @@ class Trainer:
         self.ema = ModelEmaV3(self.model, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         if cfg.train.compile:
             # In place, after the EMA's copy (which stays eager): the strategy's wrappers call
-            # the compiled forward, and parameter names (hence checkpoints) are unchanged.
+            # the compiled forward, and parameter names (hence checkpoints) are unchanged. With
+            # activation checkpointing the model compiles each block alone (SpikingResNet.compile).
             self.model.compile()
-            log(env, "train.compile: torch.compile (Inductor) compiles the model in its first training step "
+            region = "the model" if cfg.train.checkpointing == "none" else "each block"
+            log(env, f"train.compile: torch.compile (Inductor) compiles {region} in its first training step "
                      "and again in its first evaluation; those two take longer")
         # What a checkpoint carries besides model/optimizer/scheduler/scaler.
         self.epoch, self.batch, self.global_step = 0, 0, 0

@@ -54,16 +54,32 @@ def test_speed_targets_take_the_faster_of_eager_and_compiled_and_say_which():
     assert check_targets(rows, "cpu")["resnet34_T4_bf16_vs_spikingjelly"]["met"] is None
 
 
-def test_plan_adds_one_compiled_none_job_per_configuration_only_when_asked():
+def test_plan_adds_compiled_jobs_for_the_modes_asked_only():
     from benchmarks.train_step import WORKLOADS
 
     args = dict(device="cpu", steps=(1, 4), workloads=[WORKLOADS["spiking_resnet19"]], precisions=["fp32"],
                 batch_key="cpu", batch_override={}, sj={"available": False}, warmup=1, rounds=1, iters=1)
     assert not any(j.compiled for j in plan(**args))
-    jobs = plan(**args, compile_=True)
+    jobs = plan(**args, compile_modes=("none",))
     compiled = [j for j in jobs if j.compiled]
     assert [(j.T, j.checkpointing) for j in compiled] == [(1, "none"), (4, "none")]
     assert all(isinstance(j, Job) and j.impl == "spikescale" for j in compiled)
+    compiled = [j for j in plan(**args, compile_modes=("blocks+time", "none")) if j.compiled]
+    assert [(j.T, j.checkpointing) for j in compiled] == [
+        (1, "none"), (1, "blocks+time"), (4, "none"), (4, "blocks+time")]
+
+
+def test_checkpointing_target_compares_like_with_like_and_says_which():
+    rows = _rows() + [_row(T=6, ips=300.0, mem=1400.0, compiled=True),
+                      _row(T=6, ckpt="blocks+time", ips=270.0, mem=520.0, compiled=True)]
+    rows[5]["images_per_s"] = 140.0  # eager blocks+time: 0.7x of eager none, too slow
+    add_ratios(rows)
+    ckpt = check_targets(rows, "cuda")["resnet34_T6_bf16_checkpointing"]
+    # compiled: 270 / 300 = 0.9x the speed, 520 / 1400 = 0.37x the memory of compiled none
+    assert ckpt["with"] == "compiled" and ckpt["met"] is True
+    assert ckpt["speed_vs_none"] == pytest.approx(0.9) and ckpt["mem_vs_none"] == pytest.approx(0.371, abs=1e-3)
+    ckpt = check_targets(rows[:-1], "cuda")["resnet34_T6_bf16_checkpointing"]
+    assert ckpt["with"] == "eager" and ckpt["met"] is False
 
 
 def test_markdown_marks_compiled_rows():
