@@ -19,12 +19,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_command(*overrides: str, nproc: int = 1) -> list[str]:
+def train_command(*overrides: str, nproc: int = 1, config: str = DEMO) -> list[str]:
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                      "--master_port", str(free_port())]
-    return [*launcher, "-m", "train", "--config", DEMO, *overrides]
+    return [*launcher, "-m", "train", "--config", config, *overrides]
 
 
 def train_env() -> dict[str, str]:
@@ -32,10 +32,11 @@ def train_env() -> dict[str, str]:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def train(*overrides: str, nproc: int = 1, timeout: int = 600,
-          env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(train_command(*overrides, nproc=nproc), cwd=REPO, env={**train_env(), **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+def train(*overrides: str, nproc: int = 1, timeout: int = 600, env: dict[str, str] | None = None,
+          config: str = DEMO) -> subprocess.CompletedProcess:
+    """``python -m train --config <config> <overrides>`` (under torchrun for nproc > 1), finished."""
+    return subprocess.run(train_command(*overrides, nproc=nproc, config=config), cwd=REPO,
+                          env={**train_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
 def metric_history(root: Path, key: str, experiment: str = "demo") -> list[tuple[int, float]]:
