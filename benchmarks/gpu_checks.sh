@@ -3,7 +3,7 @@
 # that has torch, triton, timm and pytest but not our venv (e.g. a lent H100; estimated at
 # 8 minutes, not yet run on one). Results and logs go to $OUT (default /tmp/spikescale-gpu).
 #
-#   bash benchmarks/gpu_checks.sh [tests|lif|memory|speed ...]    # default: all four
+#   bash benchmarks/gpu_checks.sh [tests|lif|memory|compiled|speed ...]    # default: all five
 #
 # Pure-Python packages the checks need beyond that (SpikingJelly 2.0, the anchor, and what the
 # model tests import) are installed from .whl/ when it holds wheels; where nothing can be
@@ -35,7 +35,7 @@ if [ -n "$missing" ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>&1
 status=0
-for step in ${@:-tests lif memory speed}; do
+for step in ${@:-tests lif memory compiled speed}; do
     case $step in
     tests)  # the fused kernel against the reference, checkpointing modes, the models on CUDA
         $PY -m pytest -q -p no:cacheprovider tests/models tests/benchmarks 2>&1 | tee "$OUT/pytest-models.log" \
@@ -46,10 +46,14 @@ for step in ${@:-tests lif memory speed}; do
         $PY -m benchmarks.train_step --device cuda --models spiking_resnet34 --precisions bf16 \
             --steps 1 2 4 6 8 16 --rounds 2 --out "$OUT/train_step-memory.json" 2>&1 | tee "$OUT/memory.log" \
             || status=1 ;;
+    compiled)  # issue 8: the T = 6 checkpointing target with compiled none and blocks+time too
+        $PY -m benchmarks.train_step --device cuda --models spiking_resnet34 --precisions bf16 \
+            --steps 6 --compile none blocks+time --rounds 2 --out "$OUT/train_step-compiled-T6.json" 2>&1 \
+            | tee "$OUT/compiled.log" || status=1 ;;
     speed)  # issue 8: images/s against SpikingJelly and the ANN bound at T = 4, eager and compiled
         $PY -m benchmarks.train_step --device cuda --precisions bf16 fp32 --steps 4 --compile \
             --out "$OUT/train_step-speed.json" 2>&1 | tee "$OUT/speed.log" || status=1 ;;
-    *) echo "unknown step '$step' (tests, lif, memory, speed)" >&2; exit 2 ;;
+    *) echo "unknown step '$step' (tests, lif, memory, compiled, speed)" >&2; exit 2 ;;
     esac
 done
 exit $status
