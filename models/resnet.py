@@ -308,7 +308,8 @@ class SpikingResNet(nn.Module):
         # class shares one: a graph per block shape, in training and in evaluation, per batch
         # size (a last, smaller batch) must fit, or a block would fall back to eager midway.
         config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, 8 * len(blocks))
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its older name
+        setattr(config, limit, max(getattr(config, limit), 8 * len(blocks)))
         kwargs.setdefault("dynamic", False)
         for block in blocks:
             block.compile(*args, **kwargs)
