@@ -535,13 +535,13 @@ def main(argv: list[str] | None = None) -> int:
     iters = args.iters if args.iters is not None else (2 if args.quick and cuda else 10 if cuda else 1)
     batch_key = "quick" if args.quick and not cuda else device
     channels_last = args.memory_format == "channels_last" or (args.memory_format == "auto" and cuda)
+    compile_modes = () if args.compile is None else tuple(args.compile or ["none"])  # bare --compile: none
     name = args.machine or machine_name(device)
     out = args.out or RESULTS_DIR / f"train_step-{name}.json"
 
     sj = spikingjelly_status()
     jobs = plan(device, steps, [WORKLOADS[m] for m in args.models], precisions, batch_key,
-                dict(args.batch), sj, warmup, rounds, iters,
-                tuple(args.compile or ("none",)) if args.compile is not None else (), channels_last)
+                dict(args.batch), sj, warmup, rounds, iters, compile_modes, channels_last)
     # A forkserver starts one clean interpreter that imports the heavy modules once; each job
     # forks from it: fast, and never from a process that already runs OpenMP threads or CUDA.
     if not cuda and args.cpu_memory == "live":

@@ -6,6 +6,8 @@ import math
 import pickle
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -47,36 +49,43 @@ def _dvs_gesture(src, rng):
             np.save(src / "DVSGesture" / folder / user / f"{label}.npy", events.astype(np.int64))
 
 
+class Case(NamedTuple):
+    write: Callable            # writes the raw files under a source folder
+    build: list[str]           # data_pipelines.build arguments before --src/--out
+    configs: list[str]         # --config files, in order
+    batch: int                 # data.batch_size per rank
+    ranks: int
+    experiment: str            # the configs' tracking.experiment
+    overrides: tuple[str, ...] = ()
+
+
 CASES = {
-    # name: (writer, builder arguments, config files, overrides, ranks)
-    "cifar10": (_cifar10, ["cifar10"], ["configs/cifar10_resnet19.yaml"], ["data.batch_size=8"], 1),
-    "imagenet-zero2": (_imagenet, ["imagenet"],
-                       ["configs/imagenet_resnet34.yaml", "configs/blocks/deepspeed_zero2.yaml"],
-                       ["data.batch_size=2", "model.T=2"], 2),
-    "dvs": (_dvs_gesture, ["dvs", "--set", "dvsgesture", "--T", "10", "--size", "32"],
-            ["configs/dvs_cifar10dvs.yaml"], ["data.batch_size=2"], 1),
+    "cifar10": Case(_cifar10, ["cifar10"], ["configs/cifar10_resnet19.yaml"], 8, 1, "cifar10"),
+    "imagenet-zero2": Case(_imagenet, ["imagenet"],
+                           ["configs/imagenet_resnet34.yaml", "configs/blocks/deepspeed_zero2.yaml"],
+                           2, 2, "imagenet", ("model.T=2",)),
+    "dvs": Case(_dvs_gesture, ["dvs", "--set", "dvsgesture", "--T", "10", "--size", "32"],
+                ["configs/dvs_cifar10dvs.yaml"], 2, 1, "cifar10dvs"),
 }
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_shipped_config_trains_on_its_data_format(case, tmp_path):
-    writer, build_args, configs, overrides, ranks = CASES[case]
-    writer(tmp_path / "src", np.random.default_rng(0))
+@pytest.mark.parametrize("name", CASES)
+def test_shipped_config_trains_on_its_data_format(name, tmp_path):
+    case = CASES[name]
+    case.write(tmp_path / "src", np.random.default_rng(0))
     data = tmp_path / "data"
-    subprocess.run([sys.executable, "-m", "data_pipelines.build", *build_args, "--src", str(tmp_path / "src"),
+    subprocess.run([sys.executable, "-m", "data_pipelines.build", *case.build, "--src", str(tmp_path / "src"),
                     "--out", str(data), "--workers", "2"], check=True, cwd=REPO, timeout=300, capture_output=True)
-    config_args = [a for c in configs[1:] for a in ("--config", c)]
-    done = train(*config_args, *overrides, f"data.path={data}", f"run.root={tmp_path / 'runs'}",
-                 "optim.epochs=1", "data.num_workers=1", "tracking.log_every_steps=1",
-                 config=configs[0], nproc=ranks)
+    config_args = [a for c in case.configs[1:] for a in ("--config", c)]
+    done = train(*config_args, *case.overrides, f"data.batch_size={case.batch}", f"data.path={data}",
+                 f"run.root={tmp_path / 'runs'}", "optim.epochs=1", "data.num_workers=1",
+                 "tracking.log_every_steps=1", config=case.configs[0], nproc=case.ranks)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
     (final_path,) = (tmp_path / "runs").glob("*/final_metrics.json")
     final = json.loads(final_path.read_text())
     assert 0 <= final["val/top1"] <= 1 and any(k.startswith("firing_rate/") for k in final)
-    batch = int(overrides[0].removeprefix("data.batch_size="))
-    steps = json.loads((data / "meta.json").read_text())["counts"]["train"] // (batch * ranks)
+    steps = json.loads((data / "meta.json").read_text())["counts"]["train"] // (case.batch * case.ranks)
     assert (final_path.parent / "checkpoints" / f"step-{steps:09d}.pt").is_file()
-    experiment = {"cifar10": "cifar10", "imagenet-zero2": "imagenet", "dvs": "cifar10dvs"}[case]
-    losses = [v for _, v in metric_history(tmp_path / "runs", "train/step_loss", experiment=experiment)]
+    losses = [v for _, v in metric_history(tmp_path / "runs", "train/step_loss", experiment=case.experiment)]
     assert len(losses) == steps > 0 and all(math.isfinite(v) for v in losses)
