@@ -31,7 +31,7 @@ from models import firing_counts, firing_report, reset_firing_counts, set_firing
 from train import distributed
 from train.checkpoints import Checkpointer, rng_state, set_rng_state
 from train.config import Config, ConfigError, changed_keys, config_hash, flat_items, load_config, to_dict, to_yaml
-from train.strategies import build_strategy
+from train.strategies import build_strategy, cpu_precision_warning
 from train.tracking import Tracker, environment_params, resolve_uri
 
 REQUEUE_EXIT_CODE = 3   # "stopped on purpose after saving: requeue me"
@@ -141,6 +141,9 @@ class Trainer:
     def __init__(self, cfg: Config, env: distributed.DistEnv, cli_keys: set[str]):
         self.cfg, self.env, self.cli_keys = cfg, env, cli_keys
         self.run_dir = Path(cfg.run.root) / cfg.run.name
+        warning = cpu_precision_warning(cfg.train.precision, env.device)
+        if warning:
+            log(env, warning)
         torch.manual_seed(cfg.run.seed)
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)

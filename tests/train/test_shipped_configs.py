@@ -77,7 +77,7 @@ def test_shipped_config_trains_on_its_data_format(name, tmp_path):
     subprocess.run([sys.executable, "-m", "data_pipelines.build", *case.build, "--src", str(tmp_path / "src"),
                     "--out", str(data), "--workers", "2"], check=True, cwd=REPO, timeout=300, capture_output=True)
     config_args = [a for c in case.configs[1:] for a in ("--config", c)]
-    done = train(*config_args, *case.overrides, f"data.batch_size={case.batch}", f"data.path={data}",
+    done = train(*config_args, *case.overrides, "train.precision=fp32", f"data.batch_size={case.batch}", f"data.path={data}",
                  f"run.root={tmp_path / 'runs'}", "optim.epochs=1", "data.num_workers=1",
                  "tracking.log_every_steps=1", config=case.configs[0], nproc=case.ranks)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
