@@ -1,6 +1,7 @@
 """`python -m data_pipelines.build <dataset> [--src PATH] --out PATH [options]`: write .beton files.
 
     python -m data_pipelines.build digits --out data/digits
+    python -m data_pipelines.build seqdigits --out data/seqdigits
     python -m data_pipelines.build cifar10 --src /data/cifar-10-batches-py --out data/cifar10
     python -m data_pipelines.build imagenet --src /data/imagenet --out data/imagenet \
         --write-mode proportion --max-resolution 500 --jpeg-quality 90 --compress-probability 0.5
@@ -36,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     add("digits", "scikit-learn's handwritten digits (embedded demo set)", needs_src=False)
+    add("seqdigits", "the same digits as sequences: row t of each image is time step t",
+        needs_src=False)
     add("cifar10", "CIFAR-10 python pickle batches (cifar-10-batches-py)", needs_src=True)
     add("cifar100", "CIFAR-100 python pickle batches (cifar-100-python)", needs_src=True)
 
@@ -72,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.dataset == "digits":
             from .digits import build_digits
             build_digits(args.out, workers)
+        elif args.dataset == "seqdigits":
+            from .seqdigits import build_seqdigits
+            build_seqdigits(args.out, workers)
         elif args.dataset in ("cifar10", "cifar100"):
             from .cifar import build_cifar
             build_cifar(args.dataset, args.src, args.out, workers)

@@ -2,7 +2,7 @@
 
 Output layout of one built data set (a directory)::
 
-    train.beton  val.beton   FFCV files; fields `image` (or `frames`) and `label`
+    train.beton  val.beton   FFCV files; fields `image` (or `frames`, `sequence`) and `label`
     meta.json                what the loader needs (classes, shape, T, counts, mean/std)
     classes.json             class name -> label index (ImageFolder sets; others list them in meta)
     skipped.txt              inputs that could not be read, one per line with the reason
@@ -29,7 +29,10 @@ REPORT_FILE = "skipped.txt"
 OUTPUT_FILES = (TRAIN_FILE, VAL_FILE, META_FILE)
 
 #: The data sets this package builds and loads (`DataConfig.dataset`, the builder's first argument).
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "dvs")
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "dvs", "seqdigits")
+
+#: Data sets built from data a Python package ships: their builder takes no --src.
+EMBEDDED_DATASETS = ("digits", "seqdigits")
 
 #: Version of the layout above, recorded in meta.json so a loader can refuse a stale build.
 FORMAT_VERSION = 1
@@ -41,7 +44,7 @@ class DataError(Exception):
 
 def build_command(dataset: str, out: str | Path) -> str:
     """The shell command that builds `dataset` into `out` (quoted in error messages)."""
-    src = "" if dataset == "digits" else " --src SRC"
+    src = "" if dataset in EMBEDDED_DATASETS else " --src SRC"
     return f"python -m data_pipelines.build {dataset}{src} --out {out}"
 
 

@@ -47,7 +47,7 @@ class DataConfig:
     except `flip`/`translate` whose `None` means "the data set's default".
     """
 
-    dataset: str = "digits"       # digits | cifar10 | cifar100 | imagenet | dvs
+    dataset: str = "digits"       # digits | cifar10 | cifar100 | imagenet | dvs | seqdigits
     path: str = "data/digits"     # directory with train.beton, val.beton, meta.json
     batch_size: int = 64          # per rank
     val_batch_size: int = 0       # per rank; 0 = batch_size
@@ -129,12 +129,13 @@ class _PlannedOrder(TraversalOrder):
 class EpochLoader:
     """Batches of one split for one rank; `iterate(epoch, start_batch)` is the whole interface.
 
-    Attributes: `meta` (meta.json: num_classes, in_chans, height, width, T, classes, ...),
+    Attributes: `meta` (meta.json: num_classes, in_chans, height, width, T, classes, ...;
+    `temporal` is true for seqdigits, absent elsewhere: read it as meta.get("temporal", False)),
     `split`, `batch_size`, `batches_per_epoch` and `samples_per_epoch` (this rank's).
     """
 
     def __init__(self, cfg: DataConfig, split: str, meta: dict, beton: Path, *, rank: int,
-                 world_size: int, seed: int, device: torch.device):
+                 world_size: int, seed: int, device: torch.device, augment: bool = True):
         self.cfg = cfg
         self.split = split
         self.meta = meta
@@ -145,7 +146,9 @@ class EpochLoader:
         self.device = device
         self.num_workers = resolve_workers(cfg.num_workers)
         self.num_samples = int(meta["counts"][split])
-        self.train = split == "train"
+        # Training order and augmentation; the training split read with augment=False is
+        # planned and decoded like validation (every sample once, centre crops, no flips).
+        self.train = split == "train" and augment
         if self.train:
             self.batch_size = cfg.batch_size
             self.batches_per_epoch = self.num_samples // (self.batch_size * world_size)
@@ -188,7 +191,9 @@ class EpochLoader:
         """Yield `(x, y)` on the device for batches `start_batch ..` of `epoch` on this rank.
 
         x: float32 `[B, C, H, W]` images (RGB ones with channels-last strides), normalised with
-        meta's mean/std, or `[T, B, 2, H, W]` event counts per frame for DVS; y: int64 `[B]` labels.
+        meta's mean/std; `[T, B, 2, H, W]` event counts per frame for DVS; or, for seqdigits,
+        contiguous `[T, B, F]` = `[8, B, 8]` image rows normalised with meta's one mean/std.
+        y: int64 `[B]` labels.
         The tensors live in FFCV's reusable buffers: they stay valid until the next batch is
         requested (clone to keep them longer). Run one epoch at a time per process: loaders
         with the same pipeline share one compiled FFCV loader.
@@ -215,7 +220,7 @@ class EpochLoader:
         """
         stat = self.beton.stat()
         key = (type(self), str(self.beton.resolve()), stat.st_ino, stat.st_mtime_ns, self.split,
-               self.batch_size, self.num_workers, str(self.device), resolution, self.flip,
+               self.train, self.batch_size, self.num_workers, str(self.device), resolution, self.flip,
                self.translate, self.normalise_on_device,
                self.seed * 1000 + self.rank if self.meta["dataset"] == "dvs" else 0)
         if key not in _FFCV_LOADERS:
@@ -243,6 +248,10 @@ class EpochLoader:
             image = [NDArrayDecoder(), ToTensor(), ToDevice(device, non_blocking=True),
                      NormalizeToFloat(mean, std, channels_last)]
             return {"image": image, "label": label}
+        if dataset == "seqdigits":  # stored [B, T, F]; time leads inside the network
+            sequence = [NDArrayDecoder(), ToTensor(), ToDevice(device, non_blocking=True),
+                        NormalizeToFloat(mean, std, channels_last=False, time_major=True)]
+            return {"sequence": sequence, "label": label}
         if dataset in ("cifar10", "cifar100"):
             translate = [RandomTranslate(padding=self.translate)] if train and self.translate else []
             decode = [SimpleRGBImageDecoder(), *flip, *translate]
@@ -301,9 +310,9 @@ def _check_config(cfg: DataConfig, split: str, rank: int, world_size: int) -> No
     if cfg.min_resolution and cfg.ramp_end_epoch < cfg.ramp_start_epoch:
         raise DataError(f"data.ramp_end_epoch={cfg.ramp_end_epoch} is before "
                         f"data.ramp_start_epoch={cfg.ramp_start_epoch}")
-    if cfg.flip and cfg.dataset == "digits":
-        raise DataError("data.flip=true: digits are not mirror-symmetric; flip applies to "
-                        "cifar10, cifar100, imagenet and dvs")
+    if cfg.flip and cfg.dataset in ("digits", "seqdigits"):
+        raise DataError(f"data.flip=true: handwritten digits ({cfg.dataset}) are not "
+                        f"mirror-symmetric; flip applies to cifar10, cifar100, imagenet and dvs")
     if cfg.translate is not None and (cfg.translate < 0 or (
             cfg.translate and cfg.dataset not in ("cifar10", "cifar100", "dvs"))):
         raise DataError(f"data.translate={cfg.translate}: random translation applies to "
@@ -311,8 +320,13 @@ def _check_config(cfg: DataConfig, split: str, rank: int, world_size: int) -> No
 
 
 def create_loader(cfg: DataConfig, split: str, *, rank: int = 0, world_size: int = 1,
-                  seed: int = 0, device: torch.device = torch.device("cpu")) -> EpochLoader:
+                  seed: int = 0, device: torch.device = torch.device("cpu"),
+                  augment: bool = True) -> EpochLoader:
     """Loader of `split` ("train" or "val") of the data set in `cfg.path` for one rank.
+
+    `augment=False` reads the training split as validation is read (every sample once in file
+    order, sharded in blocks, no random crop, flip or translation): what measures how well a
+    model fits its training data (the generalisation gap).
 
     Raises `DataError` (one line) when the files are missing or do not match `cfg`.
     """
@@ -327,4 +341,4 @@ def create_loader(cfg: DataConfig, split: str, *, rank: int = 0, world_size: int
         raise DataError(f"{beton} is missing; rebuild with "
                         f"{build_command(cfg.dataset, path)} --force")
     return EpochLoader(cfg, split, meta, beton, rank=rank, world_size=world_size, seed=seed,
-                       device=torch.device(device))
+                       device=torch.device(device), augment=augment)

@@ -62,39 +62,62 @@ class RandomHorizontalFlipInPlace(Operation):
 
 
 class NormalizeToFloat(Operation):
-    """uint8 images `[B, C, H, W]` -> float32 `(x - mean) / std`, on the images' device.
+    """uint8 samples -> float32 `(x - mean) / std`, on the samples' device.
 
-    `mean`/`std` are per channel, in the stored pixel units (0..255 for RGB, 0..16 for the
-    digits). With `channels_last` the result has channels-last strides (what cuDNN convs
-    prefer); otherwise it is contiguous.
+    Images `[B, C, H, W]`: `mean`/`std` are per channel, in the stored pixel units (0..255 for
+    RGB, 0..16 for the digits). With `channels_last` the result has channels-last strides (what
+    cuDNN convs prefer); otherwise it is contiguous.
+
+    Sequences `[B, T, ...]` with `time_major`: `mean`/`std` are one value each for every
+    element, and the result is contiguous `[T, B, ...]` (time leads inside the network).
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], channels_last: bool):
+    def __init__(self, mean: Sequence[float], std: Sequence[float], channels_last: bool,
+                 time_major: bool = False):
         super().__init__()
+        if time_major and (channels_last or len(mean) != 1 or len(std) != 1):
+            raise ValueError(f"time_major normalisation takes one mean and one std and no "
+                             f"channels_last; got {len(mean)} means, {len(std)} stds, "
+                             f"channels_last={channels_last}")
         self.mean = list(mean)
         self.std = list(std)
         self.channels_last = channels_last
+        self.time_major = time_major
 
     def declare_state_and_memory(self, previous_state: State
                                  ) -> Tuple[State, Optional[AllocationQuery]]:
-        channels, height, width = previous_state.shape
-        if len(self.mean) != channels:
-            raise ValueError(f"{len(self.mean)} normalisation means for {channels} channels")
         device = previous_state.device
-        self._mean_t = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self._std_t = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        shape = (height, width, channels) if self.channels_last else (channels, height, width)
+        if self.time_major:
+            self._sample_shape = tuple(previous_state.shape)  # (T, ...)
+            stats = (1,) * (len(self._sample_shape) + 1)  # broadcasts over [T, B, ...]
+            # Flat per-sample buffer: its first B rows are B*T*... contiguous floats, which
+            # `generate_code` views time-major.
+            shape: Tuple[int, ...] = (int(np.prod(self._sample_shape)),)
+        else:
+            channels, height, width = previous_state.shape
+            if len(self.mean) != channels:
+                raise ValueError(f"{len(self.mean)} normalisation means for {channels} channels")
+            stats = (1, channels, 1, 1)
+            shape = (height, width, channels) if self.channels_last else (channels, height, width)
+        self._mean_t = torch.tensor(self.mean, dtype=torch.float32, device=device).view(stats)
+        self._std_t = torch.tensor(self.std, dtype=torch.float32, device=device).view(stats)
         return (replace(previous_state, jit_mode=False, dtype=torch.float32),
                 AllocationQuery(shape, torch.float32, device))
 
     def generate_code(self) -> Callable:
         mean, std, channels_last = self._mean_t, self._std_t, self.channels_last
+        time_major = self.time_major
+        sample_shape = self._sample_shape if time_major else ()
 
-        def normalize(images: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-            out = dst[:images.shape[0]]
-            if channels_last:
+        def normalize(samples: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+            batch = samples.shape[0]
+            out = dst[:batch]
+            if time_major:
+                out = out.view(sample_shape[0], batch, *sample_shape[1:])
+                samples = samples.transpose(0, 1)
+            elif channels_last:
                 out = out.permute(0, 3, 1, 2)
-            torch.sub(images, mean, out=out)
+            torch.sub(samples, mean, out=out)
             return out.div_(std)
 
         return normalize

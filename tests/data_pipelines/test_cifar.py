@@ -151,3 +151,19 @@ def test_missing_batches_are_one_clear_error(tmp_path, capsys):
     assert err.count("\n") == 0 and "cifar-10-batches-py/batches.meta" in err
     with pytest.raises(DataError):
         create_loader(DataConfig(dataset="cifar10", path=str(tmp_path / "o")), "train")
+
+
+def test_training_split_without_augmentation_is_read_as_validation_is(cifar10_out, cifar10_src):
+    """What the generalisation gap measures on: flip and translation configured, yet every
+    training image comes back once, unaugmented, in file order, the same in every epoch."""
+    cfg = DataConfig(dataset="cifar10", path=str(cifar10_out), batch_size=16, num_workers=1, flip=True, translate=4)
+    loader = create_loader(cfg, "train", seed=3, augment=False)
+    mean = torch.tensor(loader.meta["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(loader.meta["std"]).view(1, 3, 1, 1)
+    epochs = [torch.cat([(x * std + mean).round() for x, _ in loader.iterate(epoch)]) for epoch in (0, 1)]
+    train_data = _hwc(np.concatenate([cifar10_src[1][f"data_batch_{i}"][0] for i in range(1, 5)]))
+    stored = torch.from_numpy(train_data.transpose(0, 3, 1, 2).astype(np.float32))
+    assert torch.equal(epochs[0], stored) and torch.equal(epochs[1], stored)
+    # The augmenting loader of the same split still augments (the two do not share a pipeline).
+    augmented = torch.cat([(x * std + mean).round() for x, _ in create_loader(cfg, "train", seed=3).iterate(0)])
+    assert not torch.equal(augmented, stored[create_loader(cfg, "train", seed=3).order(0)])
