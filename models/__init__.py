@@ -1,10 +1,13 @@
-"""Spiking neuron dynamics, surrogate gradients, tdBN, spiking ResNets and firing accounting.
+"""Spiking neuron dynamics, surrogate gradients, tdBN, spiking ResNets and MLPs, and firing
+accounting.
 
-Importing this package registers the spiking ResNets with timm (``models.resnet``).
+Importing this package registers the spiking models with timm (``models.resnet``,
+``models.mlp``).
 """
 
-from models import resnet  # noqa: F401  (registers the timm entry points)
+from models import mlp, resnet  # noqa: F401  (register the timm entry points)
 from models.firing import firing_counts, firing_report, reset_firing_counts, set_firing_recording
+from models.mlp import SpikingMLP
 from models.neurons import (
     LIF,
     NeuronConfig,
@@ -29,6 +32,7 @@ __all__ = [
     "register_neuron_impl",
     "TdBN",
     "fold_tdbn_into_conv",
+    "SpikingMLP",
     "set_firing_recording",
     "reset_firing_counts",
     "firing_counts",

@@ -23,15 +23,19 @@ change tdBN's statistics, or cost one more recomputation pass per tdBN to stay e
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from typing import Any, Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.graph import saved_tensors_hooks
 
-__all__ = ["CHECKPOINTING_MODES", "PackedSpikes", "pack_spikes", "unpack_spikes", "spikes_saved_packed"]
+from models.neurons import LIF
+
+__all__ = ["CHECKPOINTING_MODES", "PackedSpikes", "pack_spikes", "unpack_spikes", "spikes_saved_packed",
+           "set_checkpointing_mode", "compile_parts", "checkpoint_contexts"]
 
 CHECKPOINTING_MODES = ("none", "blocks", "blocks+time")
 
@@ -88,3 +92,67 @@ def spikes_saved_packed(spikes: Tensor) -> Iterator[None]:
 
     with saved_tensors_hooks(pack, unpack):
         yield
+
+
+def set_checkpointing_mode(model: nn.Module, mode: str, time_chunk: int) -> None:
+    """Check and apply a checkpointing mode to a network whose checkpointed parts (residual
+    blocks, hidden layers) read ``model.checkpointing`` / ``model.grad_checkpointing``; every LIF
+    of ``model`` runs its time loop in chunks of ``time_chunk`` under ``blocks+time``."""
+    if mode not in CHECKPOINTING_MODES:
+        raise ValueError(f"checkpointing must be one of {', '.join(CHECKPOINTING_MODES)}; got {mode!r}")
+    if time_chunk < 1:
+        raise ValueError(f"time_chunk must be >= 1, got {time_chunk}")
+    if mode != "none" and model._compiled_call_impl is not None:
+        raise ValueError(f"checkpointing {mode!r} after the whole model was compiled: inside one compiled "
+                         "graph a recomputed part would update its BatchNorm statistics and firing "
+                         "counts twice; set the checkpointing mode first, then call compile()")
+    model.checkpointing = mode
+    model.grad_checkpointing = mode != "none"
+    for m in model.modules():
+        if isinstance(m, LIF):
+            m.set_time_chunk(time_chunk if mode == "blocks+time" else None)
+
+
+def compile_parts(parts: Sequence[nn.Module], *args: Any, **kwargs: Any) -> None:
+    """torch.compile each checkpointed part on its own (static shapes), in place.
+
+    Dynamo keeps at most ``recompile_limit`` graphs per code object, and every part of a class
+    shares one: a graph per part shape, in training and in evaluation, per batch size (a last,
+    smaller batch) must fit, or a part would fall back to eager midway."""
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its older name
+    setattr(config, limit, max(getattr(config, limit), 8 * len(parts)))
+    kwargs.setdefault("dynamic", False)
+    for part in parts:
+        part.compile(*args, **kwargs)
+
+
+@contextmanager
+def _no_side_effects(block: nn.Module) -> Iterator[None]:
+    """While a checkpointed block is recomputed in backward, keep its BatchNorm running
+    statistics and firing counts from being updated a second time.
+
+    The recomputation runs exactly as the forward pass did (a compiled block runs the same
+    graph; no attribute it is specialised on changes) and what it adds is taken back after."""
+    bns = [m for m in block.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    lifs = [m for m in block.modules() if isinstance(m, LIF) and m.spike_count is not None]
+    with torch.no_grad():
+        saved_bn = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+                    for m in bns]
+        saved_lif = [(m, m.spike_count.clone()) for m in lifs]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for bn, mean, var, tracked in saved_bn:
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+                bn.num_batches_tracked.copy_(tracked)
+            for lif, count in saved_lif:
+                lif.spike_count.copy_(count)
+
+
+def checkpoint_contexts(block: nn.Module):
+    """``context_fn`` of ``torch.utils.checkpoint``: the recomputation leaves no side effects."""
+    return nullcontext(), _no_side_effects(block)

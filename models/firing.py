@@ -15,19 +15,24 @@ Typical use (the trainer, at eval)::
 Energy (45 nm CMOS, Horowitz 2014, as in the SNN literature)::
 
     E_image [pJ] = 4.6 * MACs_first + 0.9 * SOPs_image
-    SOPs_image   = sum over neuron layers l of spikes_l * fanout_l / images
+    SOPs_image   = sum over neuron layers l of spikes_l * (fanout_l + recurrent_l) / images
 
-MACs_first is the dense multiply-accumulate count of the first layer (the stem convolution, the
-only one whose input is not spikes) per image: C_out * H_out * W_out * C_in/groups * k_h * k_w,
-once per image for direct encoding (the stem sees the static image once) and T times for
+MACs_first is the dense multiply-accumulate count of the first layer (the stem convolution, or
+the first linear layer of an MLP: the only one whose input is not spikes) per image:
+C_out * H_out * W_out * C_in/groups * k_h * k_w for a convolution, in * out for a linear layer;
+once per image for direct encoding (the first layer sees the static input once) and T times for
 sequence (DVS) inputs. ``fanout_l`` is the mean number of synapses per neuron of layer l into
 the layer(s) its spikes feed: ``out_features`` for a linear layer (also after global average
 pooling, which commutes with it), and for a convolution ``C_out/groups * taps_h * taps_w /
 (H * W)``, where taps count the (output position, kernel offset) pairs that land inside the
 input (padding taps are not synapses). Identity shortcuts and pooling add no SOPs.
+``recurrent_l`` counts the synapses of the layer's own recurrence, which carry each spike into
+the next step: 0 without recurrence, 1 for ``self`` (the neuron's own weight), C for ``lateral``
+(the ``[C, C]`` map; in a conv layer it is a 1x1 convolution over channels, so also C per spike).
+Every spike counts, the last step's too (its recurrent input feeds the step after, in a stream).
 
-Networks declare their wiring through the ``SpikingNetwork`` protocol (``models.resnet``
-implements it).
+Networks declare their wiring through the ``SpikingNetwork`` protocol (``models.resnet`` and
+``models.mlp`` implement it); the recurrent synapses are read off the LIF layers themselves.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from models.neurons import LIF
+from models.neurons import LIF, Recurrence
 
 __all__ = [
     "E_MAC_PJ",
@@ -48,6 +53,7 @@ __all__ = [
     "firing_counts",
     "firing_report",
     "synapses_per_neuron",
+    "recurrent_synapses_per_neuron",
     "conv_macs",
 ]
 
@@ -146,6 +152,17 @@ def synapses_per_neuron(consumer: nn.Module, neuron_shape: tuple[int, ...]) -> f
     raise TypeError(f"no fan-out rule for {type(consumer).__name__}; expected Conv2d or Linear")
 
 
+def recurrent_synapses_per_neuron(lif: LIF) -> int:
+    """Synapses from one neuron of ``lif`` back into its own layer: 0 without recurrence, 1 for
+    self, C (``num_features``) for lateral."""
+    recurrence = lif.spec.recurrence
+    if recurrence is Recurrence.none:
+        return 0
+    if recurrence is Recurrence.self:
+        return 1
+    return lif.num_features
+
+
 def conv_macs(conv: nn.Conv2d, in_shape: tuple[int, int, int]) -> int:
     """Dense multiply-accumulates of one ``conv`` call on one sample of shape ``[C, H, W]``."""
     _, height, width = in_shape
@@ -164,7 +181,7 @@ def _find_network(model: nn.Module) -> tuple[str, SpikingNetwork]:
             return name, module
     raise TypeError(
         f"firing_report: {type(model).__name__} does not declare spike_consumers() and "
-        "first_layer_macs_per_image(); build it with models.resnet"
+        "first_layer_macs_per_image(); build it with models.resnet or models.mlp"
     )
 
 
@@ -197,11 +214,12 @@ def firing_report(counts: dict[str, Tensor], model: nn.Module, images: int) -> d
         if relative not in consumers:
             raise KeyError(f"firing_report: {name} is not a neuron layer of {type(network).__name__}")
         if spikes:
-            shape = model.get_submodule(name).neuron_shape
-            if shape is None:
+            lif = model.get_submodule(name)
+            if lif.neuron_shape is None:
                 raise ValueError(f"firing_report: {name} has spikes but never recorded its shape")
             for consumer in consumers[relative]:
-                sops += spikes * synapses_per_neuron(network.get_submodule(consumer), shape)
+                sops += spikes * synapses_per_neuron(network.get_submodule(consumer), lif.neuron_shape)
+            sops += spikes * recurrent_synapses_per_neuron(lif)
     rate = total_spikes / total_slots if total_slots else 0.0
     report["firing_rate_mean"] = rate
     report["sparsity_mean"] = 1.0 - rate

@@ -7,7 +7,8 @@ and the LIF after the residual add.
 
 Input is either an image batch ``[B, C, H, W]`` (direct encoding: the same image at each of
 ``model.T`` steps) or a sequence ``[T', B, C, H, W]`` (e.g. DVS frames), which is run for its own
-``T'`` steps. Output: logits ``[B, num_classes]`` averaged over time.
+``T'`` steps. Output: logits ``[B, num_classes]`` averaged over time (``forward``), or per step
+``[T, B, num_classes]`` (``forward_steps``).
 
     timm.create_model("spiking_resnet19", T=4, num_classes=10, neuron=dict(reset="soft"))
 """
@@ -15,8 +16,8 @@ Input is either an image batch ``[B, C, H, W]`` (direct encoding: the same image
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -25,7 +26,8 @@ from timm.models import register_model
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from models.checkpointing import CHECKPOINTING_MODES, spikes_saved_packed
+from models.checkpointing import (checkpoint_contexts, compile_parts, set_checkpointing_mode,
+                                  spikes_saved_packed)
 from models.firing import conv_macs
 from models.neurons import LIF, NeuronConfig, as_neuron_config
 from models.tdbn import TdBN
@@ -151,36 +153,6 @@ class Bottleneck(nn.Module):
         return [(self.lif1, self.conv2), (self.lif2, self.conv3)]
 
 
-@contextmanager
-def _no_side_effects(block: nn.Module) -> Iterator[None]:
-    """While a checkpointed block is recomputed in backward, keep its BatchNorm running
-    statistics and firing counts from being updated a second time.
-
-    The recomputation runs exactly as the forward pass did (a compiled block runs the same
-    graph; no attribute it is specialised on changes) and what it adds is taken back after."""
-    bns = [m for m in block.modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    lifs = [m for m in block.modules() if isinstance(m, LIF) and m.spike_count is not None]
-    with torch.no_grad():
-        saved_bn = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-                    for m in bns]
-        saved_lif = [(m, m.spike_count.clone()) for m in lifs]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for bn, mean, var, tracked in saved_bn:
-                bn.running_mean.copy_(mean)
-                bn.running_var.copy_(var)
-                bn.num_batches_tracked.copy_(tracked)
-            for lif, count in saved_lif:
-                lif.spike_count.copy_(count)
-
-
-def _checkpoint_contexts(block: nn.Module):
-    return nullcontext(), _no_side_effects(block)
-
-
 class SpikingResNet(nn.Module):
     """Spiking ResNet with tdBN; built by the factories at the bottom of this module.
 
@@ -275,19 +247,7 @@ class SpikingResNet(nn.Module):
         """Activation checkpointing: ``none``, ``blocks`` or ``blocks+time`` (see
         ``models.checkpointing``); ``time_chunk`` is the steps per chunk of ``blocks+time``.
         Gradients are the same in every mode."""
-        if mode not in CHECKPOINTING_MODES:
-            raise ValueError(f"checkpointing must be one of {', '.join(CHECKPOINTING_MODES)}; got {mode!r}")
-        if time_chunk < 1:
-            raise ValueError(f"time_chunk must be >= 1, got {time_chunk}")
-        if mode != "none" and self._compiled_call_impl is not None:
-            raise ValueError(f"checkpointing {mode!r} after the whole model was compiled: inside one compiled "
-                             "graph a recomputed block would update its BatchNorm statistics and firing "
-                             "counts twice; set the checkpointing mode first, then call compile()")
-        self.checkpointing = mode
-        self.grad_checkpointing = mode != "none"
-        for m in self.modules():
-            if isinstance(m, LIF):
-                m.set_time_chunk(time_chunk if mode == "blocks+time" else None)
+        set_checkpointing_mode(self, mode, time_chunk)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """torch.compile (Inductor) in place; parameter names and state dicts stay as they are.
@@ -303,16 +263,7 @@ class SpikingResNet(nn.Module):
         if self.checkpointing == "none":
             super().compile(*args, **kwargs)
             return
-        blocks = self.blocks()
-        # Dynamo keeps at most ``recompile_limit`` graphs per code object, and every block of a
-        # class shares one: a graph per block shape, in training and in evaluation, per batch
-        # size (a last, smaller batch) must fit, or a block would fall back to eager midway.
-        config = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its older name
-        setattr(config, limit, max(getattr(config, limit), 8 * len(blocks)))
-        kwargs.setdefault("dynamic", False)
-        for block in blocks:
-            block.compile(*args, **kwargs)
+        compile_parts(self.blocks(), *args, **kwargs)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``[B, C, H, W]`` or sequences ``[T', B, C, H, W]`` -> spikes of the last stage
@@ -346,7 +297,7 @@ class SpikingResNet(nn.Module):
             # chunk for backward (memory growing with T); recomputed, it keeps only its input,
             # which for direct encoding is the stem output broadcast over T.
             s = checkpoint(self.lif1, y, use_reentrant=False,
-                           context_fn=partial(_checkpoint_contexts, self.lif1))
+                           context_fn=partial(checkpoint_contexts, self.lif1))
         else:
             s = self.lif1(y)
         for block in self.blocks():
@@ -354,20 +305,30 @@ class SpikingResNet(nn.Module):
                 # The block input is the previous LIF's spikes: kept at 1 bit each if asked.
                 with spikes_saved_packed(s) if packed else nullcontext():
                     s = checkpoint(
-                        block, s, use_reentrant=False, context_fn=partial(_checkpoint_contexts, block)
+                        block, s, use_reentrant=False, context_fn=partial(checkpoint_contexts, block)
                     )
             else:
                 s = block(s)
         return s
 
-    def forward_head(self, s: Tensor) -> Tensor:
-        """Spikes ``[T, B, C, H, W]`` -> logits ``[B, num_classes]`` averaged over T."""
+    def forward_head(self, s: Tensor, per_step: bool = False) -> Tensor:
+        """Spikes ``[T, B, C, H, W]`` -> logits ``[B, num_classes]`` averaged over T, or the
+        per-step logits ``[T, B, num_classes]`` with ``per_step``."""
         y = s.mean(dim=(-2, -1))
         if self.fc1 is not None:
             y = self.lif_fc1(self.fc1(y))
-        return self.fc(y).mean(0)
+        logits = self.fc(y)
+        return logits if per_step else logits.mean(0)
+
+    def forward_steps(self, x: Tensor) -> Tensor:
+        """Input as in ``forward`` -> logits at every step ``[T, B, num_classes]``; ``forward``
+        is their mean over T. Neuron state runs through the whole input, so a sequence made of
+        two samples concatenated in time carries the state across the boundary (a stream)."""
+        return self.forward_head(self.forward_features(x), per_step=True)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Images ``[B, C, H, W]`` or sequences ``[T', B, C, H, W]`` -> logits
+        ``[B, num_classes]`` averaged over time."""
         return self.forward_head(self.forward_features(x))
 
     def spike_consumers(self) -> dict[str, list[str]]:

@@ -10,24 +10,25 @@ from models.firing import (
     conv_macs,
     firing_counts,
     firing_report,
+    recurrent_synapses_per_neuron,
     reset_firing_counts,
     set_firing_recording,
     synapses_per_neuron,
 )
-from models.neurons import LIF
+from models.neurons import LIF, LIFState
 
 
 class TwoLayerNet(nn.Module):
     """conv(1->2, 3x3) -> LIF -> conv(2->3, 3x3) -> LIF -> avgpool -> linear(3->5) on 4x4 images,
     small enough to check SOPs and energy by hand."""
 
-    def __init__(self, T: int = 2):
+    def __init__(self, T: int = 2, neuron=None):
         super().__init__()
         self.T = T
         self.conv1 = nn.Conv2d(1, 2, 3, padding=1, bias=False)
-        self.lif1 = LIF(2)
+        self.lif1 = LIF(2, neuron)
         self.conv2 = nn.Conv2d(2, 3, 3, padding=1, bias=False)
-        self.lif2 = LIF(3)
+        self.lif2 = LIF(3, neuron)
         self.fc = nn.Linear(3, 5)
 
     def forward(self, x):
@@ -122,6 +123,41 @@ def test_report_on_hand_checkable_net():
         "sops_per_image": 103.75,
         "energy_uj_per_image": (4.6 * 288 + 0.9 * 103.75) * 1e-6,
     })
+
+
+@pytest.mark.parametrize("recurrence, recurrent_sops", [
+    ("none", 0.0),
+    ("self", 10 * 1 + 4 * 1),     # one synapse per spike: the neuron's own weight
+    ("lateral", 10 * 2 + 4 * 3),  # C synapses per spike: the [C, C] map (a 1x1 conv here)
+])
+def test_report_counts_the_recurrent_synapses_of_every_spike(recurrence, recurrent_sops):
+    model = TwoLayerNet(neuron=dict(recurrence=recurrence))
+    set_firing_recording(model, True)
+    model(torch.randn(1, 1, 4, 4))
+    counts = {
+        "lif1": torch.tensor([10.0, 64.0], dtype=torch.float64),
+        "lif2": torch.tensor([4.0, 96.0], dtype=torch.float64),
+    }
+    report = firing_report(counts, model, images=2)
+    # Feed-forward SOPs as in the test above: 10 * 18.75 + 4 * 5 = 207.5 over 2 images.
+    assert report["sops_per_image"] == pytest.approx((207.5 + recurrent_sops) / 2)
+    assert report["energy_uj_per_image"] == pytest.approx((4.6 * 288 + 0.9 * (207.5 + recurrent_sops) / 2) * 1e-6)
+
+
+@pytest.mark.parametrize("recurrence", ["none", "self", "lateral"])
+@pytest.mark.parametrize("neuron_shape", [(4,), (4, 3, 5)], ids=["linear", "conv"])
+def test_recurrent_fanout_matches_brute_force_synapse_count(recurrence, neuron_shape):
+    # A threshold nobody reaches: each neuron spikes alone (the carried-in spike state) and the
+    # neurons its spike charges at the next step are its recurrent synapses.
+    lif = LIF(4, dict(recurrence=recurrence, v_threshold=1e9))
+    if lif.recurrent_weight is not None:
+        nn.init.constant_(lif.recurrent_weight, 1.0)
+    n = torch.Size(neuron_shape).numel()
+    one_hot = torch.eye(n).view(n, *neuron_shape)
+    with torch.no_grad():
+        _, state = lif(torch.zeros(1, n, *neuron_shape), state=LIFState(torch.zeros_like(one_hot), one_hot),
+                       return_state=True)
+    assert recurrent_synapses_per_neuron(lif) == (state.v != 0).sum().item() / n
 
 
 def test_report_from_recorded_forward_of_resnet_through_a_wrapper():

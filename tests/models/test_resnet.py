@@ -126,6 +126,19 @@ def test_every_neuron_reads_bf16_current_under_bf16_autocast(mode):
     assert out.dtype == torch.bfloat16 and set(out.unique().tolist()) <= {0.0, 1.0}
 
 
+@pytest.mark.parametrize("shape, steps", [((3, 1, 8, 8), 4), ((5, 3, 1, 8, 8), 5)], ids=["image", "sequence"])
+@pytest.mark.parametrize("name", ["spiking_resnet_tiny", "spiking_resnet19"])  # without / with FC-LIF head
+def test_forward_is_the_mean_over_time_of_forward_steps(name, shape, steps):
+    torch.manual_seed(0)
+    model = timm.create_model(name, T=4, in_chans=1, num_classes=6).eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        per_step = model.forward_steps(x)
+        logits = model(x)
+    assert per_step.shape == (steps, 3, 6)
+    torch.testing.assert_close(logits, per_step.mean(0))
+
+
 def test_bad_input_rank_is_one_clear_error():
     with pytest.raises(ValueError, match=r"\[B, C, H, W\] or \[T, B, C, H, W\]"):
         timm.create_model("spiking_resnet_tiny")(torch.randn(8, 8))
