@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,11 @@ def choice(default: str, *allowed: str) -> Any:
 def at_least(default: int, minimum: int = 1) -> Any:
     """An int field with a lower bound (checked after merging)."""
     return field(default=default, metadata={"minimum": minimum})
+
+
+def nonnegative_floats(*default: float) -> Any:
+    """A list of floats, each >= 0 (checked after merging)."""
+    return field(default_factory=lambda: list(default), metadata={"each_minimum": 0.0})
 
 
 @dataclass
@@ -95,6 +101,41 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`python -m train.evaluate RUN_DIR`: what the functional-roles study measures of a run.
+
+    Perturbation sizes are fractions of the input's valid range (pixel scale, before
+    normalisation: 0.1 on CIFAR is 25.5 grey levels, on the digits 1.6 of 16), so one grid
+    suits every image set; on DVS frames they are event counts per (frame, polarity, pixel).
+    Every random draw (noise, PGD start) is a function of (run.seed, measurement, batch, rank).
+    """
+    checkpoint: str = choice("best", "last")  # best_model.pt, or the newest step checkpoint
+    batches: int = 0                    # validation batches per measurement; 0 = all
+    train_batches: int = 0              # training-split batches for the generalisation gap; 0 = all
+    noise_sigmas: list[float] = nonnegative_floats(0.0, 0.05, 0.1, 0.2, 0.4)  # Gaussian noise std
+    epsilons: list[float] = nonnegative_floats(0.0, 0.01, 0.03, 0.1)  # FGSM/PGD L-inf budgets
+    attack_batches: int = 0             # validation batches attacked (FGSM, PGD); 0 = all
+    pgd_steps: int = at_least(10)
+    pgd_step_size: float = 2.5          # per-step size as a multiple of eps / pgd_steps (Madry et al.)
+    pgd_random_start: bool = True       # start PGD uniformly inside the eps ball
+    pgd_best_iterate: bool = True       # each sample keeps its most damaging PGD iterate, not the last
+    stream_length: int = at_least(8)    # temporal data: samples fed back to back per stream
+    after_train: bool = False           # `python -m train` evaluates the run when training ends
+
+
+@dataclass
+class StudyConfig:
+    """The functional-roles grid (Yin et al. 2024): `python -m study run` trains and evaluates
+    every point of it here, `python -m launch.submit --study` submits it as one job array.
+    Keys are config keys, values the settings to cross (a key kept at one value drops an axis)."""
+    grid: dict[str, list[str]] = field(default_factory=lambda: {
+        "model.neuron.leak": ["true", "false"],
+        "model.neuron.reset": ["hard", "soft", "none"],
+        "model.neuron.recurrence": ["none", "self", "lateral"],
+    })
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -102,6 +143,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
 
 def load_config(paths: str | Path | list[str | Path] | None, overrides: list[str] = ()) -> Config:
@@ -151,8 +194,20 @@ def _check_choices(node: Any, prefix: str = "") -> None:
         elif "choices" in f.metadata and value not in f.metadata["choices"]:
             allowed = ", ".join(f.metadata["choices"])
             raise ConfigError(f"config key '{key}': {value!r} is not one of: {allowed}")
+        elif "each_minimum" in f.metadata and any(v < f.metadata["each_minimum"] for v in value):
+            raise ConfigError(f"config key '{key}': every value must be >= {f.metadata['each_minimum']}, "
+                              f"got {list(value)}")
         elif "minimum" in f.metadata and value < f.metadata["minimum"]:
             raise ConfigError(f"config key '{key}': must be >= {f.metadata['minimum']}, got {value}")
+
+
+def grid_points(grid: dict[str, list[str]]) -> list[list[str]]:
+    """{'a': ['1', '2'], 'b': ['x']} -> [['a=1', 'b=x'], ['a=2', 'b=x']] (the first key varies slowest)."""
+    keys = list(grid)
+    for key in keys:
+        if not grid[key]:
+            raise ConfigError(f"config key 'study.grid.{key}': give at least one value")
+    return [[f"{k}={v}" for k, v in zip(keys, point)] for point in itertools.product(*(grid[k] for k in keys))]
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

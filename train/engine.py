@@ -27,8 +27,7 @@ from torch import nn
 
 import models  # noqa: F401  (registers the spiking networks with timm)
 from data_pipelines.loaders import DataError, create_loader
-from models import firing_counts, firing_report, reset_firing_counts, set_firing_recording
-from train import distributed
+from train import distributed, measure
 from train.checkpoints import Checkpointer, rng_state, set_rng_state
 from train.config import Config, ConfigError, changed_keys, config_hash, flat_items, load_config, to_dict, to_yaml
 from train.strategies import build_strategy, cpu_precision_warning
@@ -57,7 +56,15 @@ def run(cfg: Config, cli_keys: set[str] = frozenset()) -> int:
     stop = StopSignal()  # first, so a signal during start-up is not fatal either
     env = distributed.setup(cfg.train.strategy, cfg.train.device)
     try:
-        return Trainer(cfg, env, cli_keys).fit(stop)
+        code = Trainer(cfg, env, cli_keys).fit(stop)
+        if code == 0 and cfg.eval.after_train:
+            from train.evaluate import evaluate_run, is_evaluated
+            run_dir = Path(cfg.run.root) / cfg.run.name
+            if is_evaluated(cfg, run_dir):
+                log(env, f"eval.after_train: {run_dir / 'eval.json'} is up to date")
+            else:
+                evaluate_run(cfg, env, run_dir)
+        return code
     finally:
         stop.ignore()  # training is over: a late USR2/TERM must not kill the shutdown
         distributed.teardown()
@@ -352,32 +359,16 @@ class Trainer:
             metrics.update({f"val_ema/{k.split('/', 1)[1]}": v for k, v in ema.items() if k.startswith("val/")})
         return metrics
 
-    @torch.no_grad()
     def evaluate_model(self, model: nn.Module) -> dict[str, float]:
         """Val loss, top-1/top-5 and per-layer firing, summed over ranks before dividing."""
         s = self.strategy
-        was_training = model.training
-        model.eval()
-        set_firing_recording(model, True)
-        reset_firing_counts(model)
-        totals = torch.zeros(4, dtype=torch.float64, device=self.env.device)  # loss sum, top1, top5, n
-        for x, y in self.val_loader.iterate(self.epoch):
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
             with s.forward_context(True):
-                logits = model(s.prepare_input(x)).float()
-            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            totals += torch.stack([self.criterion(logits, y).double() * len(y),
-                                   (top5[:, 0] == y).sum().double(), (top5 == y[:, None]).any(1).sum().double(),
-                                   torch.tensor(len(y), dtype=torch.float64, device=y.device)])
-        counts = firing_counts(model)
-        names = list(counts)
-        stacked = distributed.all_reduce_sum(torch.stack([counts[k] for k in names])) if names else None
-        set_firing_recording(model, False)
-        model.train(was_training)
-        distributed.all_reduce_sum(totals)
-        loss_sum, top1, top5, n = totals.tolist()
-        images = int(n)
-        report = firing_report({k: stacked[i] for i, k in enumerate(names)}, model, images=images)
-        return {"val/loss": loss_sum / n, "val/top1": top1 / n, "val/top5": top5 / n, **report}
+                return model(s.prepare_input(x))
+
+        return measure.clean_metrics(model, self.val_loader.iterate(self.epoch), device=self.env.device,
+                                     forward=forward, criterion=self.criterion)
 
     def finish(self) -> None:
         """Final metrics, artifacts and the summary line a researcher looks for."""

@@ -1,0 +1,270 @@
+"""What a trained spiking network is measured on: clean accuracy with firing statistics, and the
+functional-roles study's generalisation, noise, gradient-attack and stream accuracies.
+
+Every function takes batches `(x, y)` as the loaders yield them (normalised inputs, `[B, C, H, W]`
+images or time-major `[T, B, ...]` sequences) and returns numbers summed over ranks before
+dividing, so each rank measures its own shard. Perturbations are defined in pixel scale (see
+`InputSpace`) and applied in the normalised space the model reads.
+
+FGSM and PGD are written here rather than taken from torchattacks: torchattacks expects images in
+[0, 1] of one layout, and our inputs are normalised per channel, sometimes sequences, and for DVS
+event counts with no upper bound. tests/train/test_measure.py checks FGSM and PGD against
+torchattacks on images, where both apply.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from models import firing_counts, firing_report, reset_firing_counts, set_firing_recording
+from train import distributed
+
+Batches = Iterable[tuple[Tensor, Tensor]]
+#: (batch index, normalised input, labels) -> the input the model is scored on.
+Perturbation = Callable[[int, Tensor, Tensor], Tensor]
+
+# Which measurement a random draw belongs to (the second word of its seed).
+NOISE_DRAWS, PGD_DRAWS = 1, 2
+
+
+@dataclass(frozen=True)
+class InputSpace:
+    """How the pixel scale maps onto the normalised input `x = (pixel - mean) / std`.
+
+    unit: one full input range in normalised units (`pixel_max / std`, per channel), so a
+        perturbation of size `s` (a fraction of the range) is `s * unit` in the model's input.
+    lo, hi: the valid range in normalised units (pixel 0 and pixel_max); None = unbounded.
+    batch_dim: 0 for image batches `[B, ...]`, 1 for time-major sequences `[T, B, ...]`.
+
+    DVS frames are event counts and are not normalised: the unit is one event, counts stay
+    >= 0 and have no upper bound. That is the threat model for event data: an attacker who adds
+    or removes (fractional) events per frame, polarity and pixel, never below zero.
+    """
+    unit: Tensor | float
+    lo: Tensor | float | None
+    hi: Tensor | float | None
+    batch_dim: int = 0
+
+    @classmethod
+    def from_meta(cls, meta: dict, device: torch.device) -> InputSpace:
+        """From a data set's meta.json (`pixel_max`, default 255; per-channel `mean`, `std`)."""
+        batch_dim = 1 if meta.get("T") else 0
+        if meta["dataset"] == "dvs":
+            return cls(1.0, 0.0, None, batch_dim)
+        pixel_max = float(meta.get("pixel_max", 255))
+        mean = torch.tensor(meta["mean"], dtype=torch.float32, device=device)
+        std = torch.tensor(meta["std"], dtype=torch.float32, device=device)
+        if mean.numel() > 1:  # per channel of an image batch [B, C, H, W]
+            mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+        else:
+            mean, std = mean.reshape(()), std.reshape(())
+        return cls(pixel_max / std, (0.0 - mean) / std, (pixel_max - mean) / std, batch_dim)
+
+    def per_sample(self, values: Tensor, ndim: int) -> Tensor:
+        """`values [B]` shaped to broadcast against an input of `ndim` dimensions."""
+        shape = [1] * ndim
+        shape[self.batch_dim] = -1
+        return values.view(shape)
+
+    def clip(self, x: Tensor) -> Tensor:
+        """`x` limited to the valid range."""
+        if self.lo is not None:
+            x = torch.maximum(x, torch.as_tensor(self.lo, dtype=x.dtype, device=x.device))
+        if self.hi is not None:
+            x = torch.minimum(x, torch.as_tensor(self.hi, dtype=x.dtype, device=x.device))
+        return x
+
+
+def generator(seed: int, *words: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, *words): draws depend on nothing else, so a rerun on
+    any device gives the same numbers."""
+    state = np.random.SeedSequence([seed, *words]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+def limit(batches: Batches, count: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """The first `count` batches (all when 0)."""
+    return itertools.islice(batches, count or None)
+
+
+# ---------------------------------------------------------------------------------- clean
+
+
+@torch.no_grad()
+def clean_metrics(model: nn.Module, batches: Batches, *, device: torch.device,
+                  forward: Callable[[Tensor], Tensor] | None = None,
+                  criterion: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy) -> dict[str, float]:
+    """Loss, top-1, top-5 and per-layer firing statistics of `model` in eval mode.
+
+    forward: how to call the model (autocast, input casts of a strategy); `model(x)` if None.
+    criterion: the batch-mean loss (the trainer's, label smoothing included).
+    Returns `val/loss`, `val/top1`, `val/top5` and `firing_report`'s keys (rates, sparsity, SOPs
+    and energy per image), over all ranks.
+    """
+    forward = forward or model
+    was_training = model.training
+    model.eval()
+    set_firing_recording(model, True)
+    reset_firing_counts(model)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, n
+    try:
+        for x, y in batches:
+            logits = forward(x).float()
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            totals += torch.stack([criterion(logits, y).double() * len(y),
+                                   (top5[:, 0] == y).sum().double(), (top5 == y[:, None]).any(1).sum().double(),
+                                   torch.tensor(len(y), dtype=torch.float64, device=device)])
+        counts = firing_counts(model)
+    finally:
+        set_firing_recording(model, False)
+        model.train(was_training)
+    names = list(counts)
+    if names:
+        stacked = distributed.all_reduce_sum(torch.stack([counts[k] for k in names]))
+        counts = {k: stacked[i] for i, k in enumerate(names)}
+    loss_sum, top1, top5, n = distributed.all_reduce_sum(totals).tolist()
+    if n == 0:
+        raise ValueError("clean_metrics: no batches to evaluate")
+    return {"val/loss": loss_sum / n, "val/top1": top1 / n, "val/top5": top5 / n,
+            **firing_report(counts, model, images=int(n))}
+
+
+# ------------------------------------------------------------------------------- perturbed
+
+
+def top1(model: nn.Module, batches: Batches, perturb: Perturbation | None = None, *,
+         device: torch.device) -> float:
+    """Top-1 of `model` (eval mode) on `batches`, each input first passed through `perturb`."""
+    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    for i, (x, y) in enumerate(batches):
+        x = perturb(i, x, y) if perturb is not None else x
+        with torch.no_grad():
+            pred = model(x).argmax(-1)
+        correct += torch.tensor([float((pred == y).sum()), float(len(y))], dtype=torch.float64, device=device)
+    right, n = distributed.all_reduce_sum(correct).tolist()
+    return right / n if n else float("nan")
+
+
+def gaussian_noise(space: InputSpace, sigma: float, seed: int, rank: int) -> Perturbation:
+    """Adds N(0, sigma^2) pixel-scale noise (sigma a fraction of the range), then clips; the draw
+    for batch i is a function of (seed, sigma, i, rank)."""
+    def perturb(i: int, x: Tensor, y: Tensor) -> Tensor:
+        if sigma == 0:
+            return x
+        g = generator(seed, NOISE_DRAWS, int(round(sigma * 1e6)), i, rank)
+        noise = torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.device)
+        return space.clip(x + sigma * space.unit * noise)
+    return perturb
+
+
+def input_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """d(mean cross-entropy)/dx through the surrogate gradients and through time (BPTT)."""
+    return _loss_and_gradient(model, x, y)[1]
+
+
+def _loss_and_gradient(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(per-sample loss [B], d(mean loss)/dx, correct [B] bool) at `x`."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x).float()
+        losses = F.cross_entropy(logits, y, reduction="none")
+        (grad,) = torch.autograd.grad(losses.mean(), x)
+    return losses.detach(), grad, logits.detach().argmax(-1) == y
+
+
+def fgsm(model: nn.Module, space: InputSpace, eps: float) -> Perturbation:
+    """Fast gradient sign method (Goodfellow et al. 2015), L-inf budget `eps` of the range."""
+    def perturb(i: int, x: Tensor, y: Tensor) -> Tensor:
+        if eps == 0:
+            return x
+        return space.clip(x + eps * space.unit * input_gradient(model, x, y).sign())
+    return perturb
+
+
+def pgd(model: nn.Module, space: InputSpace, eps: float, *, steps: int, step_size: float,
+        random_start: bool, seed: int, rank: int, best_iterate: bool = True) -> Perturbation:
+    """Projected gradient descent (Madry et al. 2018), L-inf ball of `eps` (fraction of the range):
+    `steps` signed-gradient steps of `step_size * eps / steps`, each projected back into the
+    ball around the clean input and into the valid range. The random start for batch i is a
+    function of (seed, eps, i, rank). `best_iterate`: each sample keeps its most damaging
+    iterate instead of the last one."""
+    def perturb(i: int, x: Tensor, y: Tensor) -> Tensor:
+        if eps == 0:
+            return x
+        radius = eps * space.unit
+        alpha = step_size * radius / steps
+        clean = x.detach()
+        adv = clean.clone()
+        if random_start:
+            g = generator(seed, PGD_DRAWS, int(round(eps * 1e6)), i, rank)
+            start = torch.rand(x.shape, generator=g, dtype=torch.float32).to(x.device) * 2 - 1
+            adv = space.clip(adv + start * radius)
+        # Surrogate gradients of a spiking network are coarse: a later iterate can be less
+        # damaging than an earlier one, so each sample keeps its most damaging iterate
+        # (misclassified first, then highest loss), as robust evaluations do (e.g. APGD).
+        if not best_iterate:
+            for _ in range(steps):
+                adv = adv + alpha * input_gradient(model, adv, y).sign()
+                adv = space.clip(torch.minimum(torch.maximum(adv, clean - radius), clean + radius))
+            return adv.detach()
+        best, best_score = adv, None
+        for step in range(steps + 1):
+            loss, grad, correct = _loss_and_gradient(model, adv, y)
+            score = loss - correct.float() * 1e9  # any misclassified iterate beats a correct one
+            if best_score is None:
+                best_score = score
+            else:
+                better = score > best_score
+                best = torch.where(space.per_sample(better, adv.ndim), adv, best)
+                best_score = torch.where(better, score, best_score)
+            if step == steps:
+                break
+            adv = adv + alpha * grad.sign()
+            adv = space.clip(torch.minimum(torch.maximum(adv, clean - radius), clean + radius))
+        return best.detach()
+    return perturb
+
+
+# ---------------------------------------------------------------------------------- stream
+
+
+def stream_logits(model: nn.Module, x: Tensor, length: int) -> Tensor:
+    """Logits `[B, classes]` of a time-major batch `[T, B, ...]` when each run of `length`
+    consecutive samples is fed back to back as one stream, without resetting the neurons
+    between samples (the last stream may be shorter).
+
+    The samples of a stream are concatenated along time and run in one call of
+    `model.forward_steps` (`[steps, B, classes]`): the neuron op is a loop over time, so this is
+    the same as carrying each layer's `LIFState` from one sample into the next. A sample's
+    logits are the mean of its own T steps. `length=1` is ordinary per-sample evaluation.
+    """
+    steps, batch = x.shape[:2]
+    full = batch // length * length
+    parts = [(x[:, :full], length)] if full else []
+    if full < batch:
+        parts.append((x[:, full:], batch - full))
+    out = []
+    for part, per_stream in parts:
+        streams = part.shape[1] // per_stream
+        # [T, S*L, ...] -> [L*T, S, ...]: step l*T + t of stream s is step t of sample s*L + l.
+        seq = part.unflatten(1, (streams, per_stream)).movedim(2, 0).flatten(0, 1)
+        logits = model.forward_steps(seq).unflatten(0, (per_stream, steps)).mean(1)  # [L, S, classes]
+        out.append(logits.transpose(0, 1).flatten(0, 1))  # back to sample order
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def stream_top1(model: nn.Module, batches: Batches, length: int, *, device: torch.device) -> float:
+    """Top-1 over samples evaluated as streams of `length` (see `stream_logits`)."""
+    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    for x, y in batches:
+        pred = stream_logits(model, x, length).argmax(-1)
+        correct += torch.tensor([float((pred == y).sum()), float(len(y))], dtype=torch.float64, device=device)
+    right, n = distributed.all_reduce_sum(correct).tolist()
+    return right / n if n else float("nan")
