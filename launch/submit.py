@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="requeues after a time limit or preemption before the job gives up (default 3)")
     req.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                      help="grid axis; repeat for more axes; the grid is one Slurm job array")
+    req.add_argument("--study", action="store_true",
+                     help="sweep the config's study.grid (the functional-roles LIF variants) as well")
     req.add_argument("--array-parallelism", type=int, default=256, help="sweep elements running at once")
     return p.parse_args(argv)
 
@@ -112,6 +114,15 @@ def sweep_grid(specs: list[str]) -> list[list[str]]:
         axes.append((key, items))
     return [[f"{k}={v}" for k, v in zip((k for k, _ in axes), point)]
             for point in itertools.product(*(items for _, items in axes))]
+
+
+def sweep_specs(config: list[Path], overrides: list[str], sweeps: list[str], study: bool) -> list[str]:
+    """The --sweep axes, plus with `study` one axis per key of the config's `study.grid` (each
+    element then also evaluates itself when the config sets eval.after_train)."""
+    if not study:
+        return list(sweeps)
+    grid = load(config, overrides).study.grid
+    return [*sweeps, *(f"{key}={','.join(values)}" for key, values in grid.items())]
 
 
 def choose_cluster(requested: str) -> str:
@@ -204,7 +215,7 @@ def submit(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise SubmitError(f"config file not found: {path}")
     timeout_min = minutes(args.time)
-    grid = sweep_grid(args.sweep)
+    grid = sweep_grid(sweep_specs(config, args.overrides, args.sweep, args.study))
     if args.nodes < 1 or args.gpus_per_node < 0 or args.max_requeues < 0 or args.array_parallelism < 1:
         raise SubmitError("--nodes and --array-parallelism must be >= 1, --gpus-per-node and --max-requeues >= 0")
     if args.gpus_per_node and args.tasks_per_node not in (None, args.gpus_per_node):

@@ -11,8 +11,10 @@ from types import SimpleNamespace
 import pytest
 
 from launch import job as launch_job
-from launch.submit import SubmitError, main, minutes, plan, sweep_grid
+from launch.submit import SubmitError, main, minutes, plan, sweep_grid, sweep_specs
 from tests.launch.slurm_jobs import DEMO
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
@@ -92,6 +94,19 @@ def test_plan_fixes_run_names_and_tags_each_sweep_element(tmp_path):
     for e in elements:
         assert e.name.startswith(f"demo-digits-{sweep_id}-")
         assert f"run.name={e.name}" in e.overrides and f"tracking.tags.sweep_id={sweep_id}" in e.overrides
+
+
+def test_study_sweeps_the_configs_functional_roles_grid(tmp_path):
+    configs = [REPO / "configs/cifar10_resnet19.yaml", REPO / "configs/ablation_functional_roles.yaml"]
+    grid = sweep_grid(sweep_specs(configs, [f"run.root={tmp_path}"], [], study=True))
+    assert len(grid) == 18 and len({tuple(p) for p in grid}) == 18
+    assert {p[0] for p in grid} == {"model.neuron.leak=true", "model.neuron.leak=false"}
+    assert {p[2] for p in grid} == {f"model.neuron.recurrence={r}" for r in ("none", "self", "lateral")}
+    with_lr = sweep_grid(sweep_specs(configs, [], ["optim.lr=0.1,0.2"], study=True))
+    assert len(with_lr) == 36
+    with pytest.raises(SubmitError, match="given twice"):
+        sweep_grid(sweep_specs(configs, [], ["model.neuron.reset=hard"], study=True))
+    assert sweep_specs(configs, [], ["optim.lr=0.1"], study=False) == ["optim.lr=0.1"]
 
 
 def fake_job_env(rank: int, local: int, node: int, tasks: int = 4, nodes: int = 2) -> SimpleNamespace:
