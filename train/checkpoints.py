@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import random
 import re
-import warnings
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,15 @@ import torch
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 
 
+BEST_MODEL = "best_model.pt"
+
+
 class Checkpointer:
     def __init__(self, run_dir: Path, keep: int = 3):
-        self.dir = Path(run_dir) / "checkpoints"
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / "checkpoints"
         self.keep = max(1, keep)
+        self.loaded: Path | None = None  # the checkpoint the last load_latest returned
 
     def paths(self) -> list[Path]:
         """Complete checkpoints, newest first."""
@@ -36,26 +41,47 @@ class Checkpointer:
         """Write `state` as the checkpoint of global step `step`; keep the newest K."""
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"step-{step:09d}.pt"
-        tmp = final.with_suffix(".pt.tmp")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(self.dir)
+        _save_atomically(state, final)
         for old in self.paths()[self.keep:]:
             old.unlink(missing_ok=True)
         return final
+
+    def save_best(self, weights: dict[str, torch.Tensor]) -> Path:
+        """`weights` as `<run_dir>/best_model.pt` (a state dict), atomically like a checkpoint."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / BEST_MODEL
+        _save_atomically(weights, path)
+        return path
 
     def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
         """The newest checkpoint that loads, or None; unreadable ones are skipped with a warning."""
         for path in self.paths():
             try:
-                return torch.load(path, map_location=map_location, weights_only=True), path
+                state = torch.load(path, map_location=map_location, weights_only=True)
             except Exception as e:  # truncated zip, bad pickle, ...: all mean "not usable"
-                warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
-                              "falling back to the previous one", stacklevel=2)
+                # One plain line on stderr (a UserWarning would add a source line to the log).
+                reason = str(e).splitlines()[0] if str(e) else ""
+                print(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: {reason}); "
+                      "falling back to the previous one", file=sys.stderr, flush=True)
+                continue
+            self.loaded = path
+            return state, path
         return None
+
+
+def _save_atomically(obj: Any, final: Path) -> None:
+    """torch.save to a temporary name, fsync, rename: never a half-written file under `final`."""
+    tmp = final.with_name(final.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no debris beside the previous file
+        raise
+    _fsync_dir(final.parent)
 
 
 def _fsync_dir(path: Path) -> None:

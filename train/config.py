@@ -18,8 +18,9 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data_pipelines.common import DATASETS
 from data_pipelines.loaders import DataConfig
-from models.neurons import NeuronConfig
+from models.neurons import NeuronConfig, NeuronConfigError
 from train.tracking import TrackingConfig
 
 
@@ -173,7 +174,12 @@ def load_config(paths: str | Path | list[str | Path] | None, overrides: list[str
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e)) from None
+    except NeuronConfigError as e:  # NeuronConfig checks its values itself; name the whole key
+        key, _, problem = str(e).partition(": ")
+        raise ConfigError(f"config key 'model.{key}': {problem}") from None
     _check_choices(cfg)
+    if cfg.data.dataset not in DATASETS:
+        raise ConfigError(f"config key 'data.dataset': {cfg.data.dataset!r} is not one of: {', '.join(DATASETS)}")
     return cfg
 
 

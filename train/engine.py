@@ -157,6 +157,10 @@ class Trainer:
         loader_args = dict(rank=env.rank, world_size=env.world_size, seed=cfg.run.seed, device=env.device)
         self.train_loader = create_loader(cfg.data, "train", **loader_args)
         self.val_loader = create_loader(cfg.data, "val", **loader_args)
+        steps = self.train_loader.meta.get("T")
+        if steps and steps != cfg.model.T:  # sequences run their own T: the logged T must be it
+            raise ConfigError(f"config key 'model.T': {cfg.model.T}, but {cfg.data.path} holds sequences of "
+                              f"{steps} steps; set model.T={steps} (or rebuild the data with {cfg.model.T} steps)")
         # On CUDA the loaders deliver channels-last images; conv weights in the same layout spare
         # cuDNN a weight conversion per convolution and step.
         layout = torch.channels_last if env.device.type == "cuda" else torch.preserve_format
@@ -219,7 +223,7 @@ class Trainer:
             self.ema.module.load_state_dict(state["ema"])
         rngs = state["rng"]
         set_rng_state(rngs[self.env.rank] if self.env.rank < len(rngs) else rngs[0])
-        log(self.env, f"resumed from {self.ckpt.paths()[0].name}: epoch {self.epoch}, batch {self.batch}, "
+        log(self.env, f"resumed from {self.ckpt.loaded.name}: epoch {self.epoch}, batch {self.batch}, "
                       f"step {self.global_step}")
         return state["mlflow_run_id"]
 
@@ -344,7 +348,7 @@ class Trainer:
         if is_best:
             weights = self.strategy.model_state_dict()
             if self.env.is_main:
-                torch.save(weights, self.run_dir / "best_model.pt")
+                self.ckpt.save_best(weights)
         self.save()
         log(self.env, f"epoch {epoch + 1}/{self.cfg.optim.epochs}  train loss {metrics.get('train/loss', 0):.4f} "
                       f"top1 {metrics.get('train/top1', 0):.4f} | val loss {metrics['val/loss']:.4f} "

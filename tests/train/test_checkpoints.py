@@ -19,14 +19,32 @@ def test_keeps_newest_k_and_no_temporary_files(tmp_path):
     assert state["step"] == 15 and torch.equal(state["w"], torch.full((3,), 15.0))
 
 
-def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path):
+def test_truncated_newest_checkpoint_falls_back_to_previous_with_one_line(tmp_path, capsys):
     ckpt = Checkpointer(tmp_path, keep=3)
     ckpt.save({"step": 1}, 1)
     newest = ckpt.save({"step": 2, "big": torch.zeros(1000)}, 2)
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    with pytest.warns(UserWarning, match="unreadable"):
-        state, path = ckpt.load_latest()
-    assert state["step"] == 1 and path.name == "step-000000001.pt"
+    state, path = ckpt.load_latest()
+    assert state["step"] == 1 and path.name == "step-000000001.pt" and ckpt.loaded == path
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"warning: checkpoint {newest} is unreadable")
+
+
+def test_best_model_is_written_atomically_and_a_failed_write_keeps_the_previous(tmp_path, monkeypatch):
+    ckpt = Checkpointer(tmp_path)
+    path = ckpt.save_best({"w": torch.ones(3)})
+    assert path == tmp_path / "best_model.pt"
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        ckpt.save_best({"w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model.pt"]  # no temporary left
 
 
 def test_no_checkpoint_gives_none(tmp_path):

@@ -1,4 +1,7 @@
 """The one config schema: YAML + overrides merge, and every user mistake is one clear line."""
+import subprocess
+import sys
+
 import pytest
 
 from train.config import ConfigError, changed_keys, config_hash, load_config, to_dict
@@ -21,6 +24,11 @@ def test_yaml_and_overrides_merge_into_typed_config():
     (["train.strategy=horovod"], "train.strategy"),
     (["model.neuron.reset=sometimes"], "model.neuron.reset"),
     (["optim.lr"], "key=value"),
+    (["model.neuron.tau_decay=2"], "model.neuron.tau_decay"),
+    (["model.neuron.surrogate_width=-1"], "model.neuron.surrogate_width"),
+    (["model.neuron.v_threshold=0"], "model.neuron.v_threshold"),
+    (["data.dataset=foo"], "data.dataset"),
+    (["eval.noise_sigmas=[-0.1]"], "eval.noise_sigmas"),
 ])
 def test_bad_override_names_the_key(override, names):
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
@@ -77,3 +85,21 @@ def test_every_shipped_config_and_block_loads():
     for block in sorted(Path("configs/blocks").glob("*.yaml")):
         cfg = load_config(["configs/cifar10_resnet19.yaml", block])
         assert cfg.train.strategy == "deepspeed" and cfg.model.name == "spiking_resnet19"
+
+
+def test_neuron_setting_from_the_command_line_is_one_line_and_exit_2(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "train", "--config", DEMO, "model.neuron.tau_decay=2",
+                           f"run.root={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == ["error: config key 'model.neuron.tau_decay': 2.0 is outside [0, 1]"]
+
+
+def test_sequence_data_of_another_length_than_model_T_is_refused(tmp_path):
+    data = tmp_path / "seqdigits"
+    subprocess.run([sys.executable, "-m", "data_pipelines.build", "seqdigits", "--out", str(data)],
+                   check=True, capture_output=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "train", "--config", "configs/study_seqdigits.yaml", "model.T=4",
+                           f"data.path={data}", f"run.root={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: config key 'model.T': 4, but") and "model.T=8" in line

@@ -1,5 +1,6 @@
 """The walking skeleton end to end: build the digits, train, checkpoint, resume, MLflow."""
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,17 @@ def test_mlflow_run_has_metrics_and_a_firing_rate_per_neuron_layer(demo_run):
     lif_names = {n for n, m in model.named_modules() if type(m).__name__ == "LIF"}
     logged = {k.split("/", 1)[1] for k in run.data.metrics if k.startswith("firing_rate/")}
     assert lif_names and logged == lif_names
+
+
+def test_a_corrupt_newest_checkpoint_is_named_once_and_the_resume_line_names_the_one_loaded(demo_run, digits_dir,
+                                                                                               tmp_path):
+    root, _, _ = demo_run
+    copy = tmp_path / "runs"
+    shutil.copytree(root, copy)
+    newest, previous = sorted((copy / "demo-digits" / "checkpoints").glob("step-*.pt"), reverse=True)[:2]
+    newest.write_bytes(newest.read_bytes()[:1000])
+    again = train(f"data.path={digits_dir}", f"run.root={copy}", "data.num_workers=1", "optim.epochs=3", cwd=REPO)
+    assert again.returncode == 0, again.stderr[-3000:]
+    warnings = [line for line in again.stderr.splitlines() if "unreadable" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: checkpoint {newest} is unreadable")
+    assert f"resumed from {previous.name}:" in again.stdout and newest.name not in again.stdout
