@@ -191,6 +191,7 @@ class Trainer:
         self.epoch, self.batch, self.global_step = 0, 0, 0
         self.best_top1, self.nonfinite_total = -1.0, 0
         self.firing_history: dict[int, dict[str, float]] = {}
+        self.forked_from: str | None = None  # MLflow run of the run directory this one was copied from
 
     # ----------------------------------------------------------------------------- state
     def client_state(self) -> dict[str, Any]:
@@ -225,6 +226,13 @@ class Trainer:
         set_rng_state(rngs[self.env.rank] if self.env.rank < len(rngs) else rngs[0])
         log(self.env, f"resumed from {self.ckpt.loaded.name}: epoch {self.epoch}, batch {self.batch}, "
                       f"step {self.global_step}")
+        if state["config"]["run"]["name"] != self.cfg.run.name:
+            # A run directory copied under a new run.name is a fork: it keeps the weights and
+            # position, but its history goes into a new MLflow run, not the original's.
+            self.forked_from = state["mlflow_run_id"]
+            log(self.env, f"run.name {self.cfg.run.name!r} resumes a checkpoint of run {state['config']['run']['name']!r}: "
+                          f"a new MLflow run, tagged forked_from={self.forked_from}")
+            return None
         return state["mlflow_run_id"]
 
     # ----------------------------------------------------------------------------- loop
@@ -243,7 +251,8 @@ class Trainer:
         n = cfg.model.neuron
         tags = {"model": cfg.model.name, "dataset": cfg.data.dataset, "T": str(cfg.model.T),
                 "neuron": f"{'lif' if n.leak else 'if'}-reset_{_value(n.reset)}-rec_{_value(n.recurrence)}",
-                "strategy": cfg.train.strategy, "precision": cfg.train.precision, **cfg.tracking.tags}
+                "strategy": cfg.train.strategy, "precision": cfg.train.precision, **cfg.tracking.tags,
+                **({"forked_from": self.forked_from} if self.forked_from else {})}
         self.tracker = Tracker.start(cfg.tracking, runs_root=Path(cfg.run.root), run_dir=self.run_dir,
                                      run_name=cfg.run.name, run_id=run_id, enabled=env.is_main, tags=tags)
         if run_id is None:

@@ -76,3 +76,21 @@ def test_a_corrupt_newest_checkpoint_is_named_once_and_the_resume_line_names_the
     warnings = [line for line in again.stderr.splitlines() if "unreadable" in line]
     assert len(warnings) == 1 and warnings[0].startswith(f"warning: checkpoint {newest} is unreadable")
     assert f"resumed from {previous.name}:" in again.stdout and newest.name not in again.stdout
+
+
+def test_a_run_directory_copied_under_a_new_name_is_a_fork_with_its_own_mlflow_run(demo_run, digits_dir, tmp_path):
+    root, _, _ = demo_run
+    copy = tmp_path / "runs"
+    shutil.copytree(root, copy)
+    shutil.copytree(copy / "demo-digits", copy / "fork")
+    forked = train(f"data.path={digits_dir}", f"run.root={copy}", "data.num_workers=1", "optim.epochs=4",
+                   "run.name=fork", cwd=REPO)
+    assert forked.returncode == 0, forked.stderr[-3000:]
+    assert "resumed from" in forked.stdout and "epoch 4/4" in forked.stdout and "epoch 3/4" not in forked.stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{copy}/mlflow.db")
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("demo").experiment_id])}
+    assert set(runs) == {"demo-digits", "fork"}
+    original, fork = runs["demo-digits"], runs["fork"]
+    assert fork.data.tags["forked_from"] == original.info.run_id
+    assert [m.step for m in client.get_metric_history(original.info.run_id, "val/top1")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(fork.info.run_id, "val/top1")] == [4]
