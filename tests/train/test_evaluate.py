@@ -7,7 +7,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.train.trainrun import REPO, train, train_env
+from tests.train.trainrun import REPO, free_port, train, train_env
 
 SMALL_GRID = ["eval.noise_sigmas=[0,0.2]", "eval.epsilons=[0,0.1]", "eval.pgd_steps=3"]
 
@@ -78,3 +78,21 @@ def test_bad_input_is_one_line_and_exit_code_2(demo_run, tmp_path, args, words):
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and all(w in lines[0] for w in words), lines
+
+
+@pytest.mark.slow
+def test_two_ranks_measure_the_same_clean_generalisation_and_fgsm_numbers_as_one(demo_run):
+    _, run_dir = demo_run
+    grid = ["eval.noise_sigmas=[0]", "eval.epsilons=[0.1]", "eval.pgd_steps=1", "eval.pgd_random_start=false"]
+    one = evaluate(str(run_dir), *grid)
+    assert one.returncode == 0, one.stderr[-3000:]
+    single = json.loads((run_dir / "eval.json").read_text())["metrics"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(free_port()), "-m", "train.evaluate", str(run_dir), *grid],
+                         cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    ranked = json.loads((run_dir / "eval.json").read_text())["metrics"]
+    for key in ("eval/val_top1", "eval/val_top5", "eval/train_top1", "eval/fgsm_top1_0.1", "eval/pgd_top1_0.1",
+                "eval/firing_rate_mean"):
+        assert ranked[key] == pytest.approx(single[key], abs=1e-9), key
+    assert ranked["eval/val_loss"] == pytest.approx(single["eval/val_loss"], rel=1e-6)
