@@ -34,10 +34,12 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from models.neurons import LIF
 
-__all__ = ["CHECKPOINTING_MODES", "PackedSpikes", "pack_spikes", "unpack_spikes", "spikes_saved_packed",
+__all__ = ["CHECKPOINTING_MODES", "OUTPUTS", "PackedSpikes", "pack_spikes", "unpack_spikes", "spikes_saved_packed",
            "set_checkpointing_mode", "compile_parts", "checkpoint_contexts"]
 
 CHECKPOINTING_MODES = ("none", "blocks", "blocks+time")
+#: What a network's forward returns: logits averaged over T, or per step [T, B, classes].
+OUTPUTS = ("mean", "per_step")
 
 
 

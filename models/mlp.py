@@ -26,7 +26,7 @@ from timm.models import register_model
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from models.checkpointing import (checkpoint_contexts, compile_parts, set_checkpointing_mode,
+from models.checkpointing import (OUTPUTS, checkpoint_contexts, compile_parts, set_checkpointing_mode,
                                   spikes_saved_packed)
 from models.neurons import LIF, LIFState, NeuronConfig, as_neuron_config
 from models.resnet import _TIMM_KWARGS
@@ -132,6 +132,7 @@ class SpikingMLP(nn.Module):
         self.num_features = hidden[-1]
         self.neuron = cfg
         self.checkpointing = "none"
+        self.output = "mean"  # forward's logits: averaged over T, or per step (set_output)
         self.grad_checkpointing = False
         self._recorded_steps: int | None = None  # first-layer calls per sample, last recorded input
 
@@ -215,8 +216,15 @@ class SpikingMLP(nn.Module):
         return self.forward_head(self.forward_features(x), per_step=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Input (see the module docstring) -> logits ``[B, num_classes]`` averaged over time."""
-        return self.forward_head(self.forward_features(x))
+        """Input as in ``forward_steps`` -> logits ``[B, num_classes]`` averaged over time, or
+        per step ``[T, B, num_classes]`` when ``output`` is ``"per_step"`` (TET training)."""
+        return self.forward_head(self.forward_features(x), per_step=self.output == "per_step")
+
+    def set_output(self, output: str) -> None:
+        """What ``forward`` returns: ``"mean"`` logits over time or ``"per_step"`` logits."""
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
+        self.output = output
 
     def spike_consumers(self) -> dict[str, list[str]]:
         """Neuron layer name -> names of the linear layers its spikes feed."""

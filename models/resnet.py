@@ -26,7 +26,7 @@ from timm.models import register_model
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from models.checkpointing import (checkpoint_contexts, compile_parts, set_checkpointing_mode,
+from models.checkpointing import (OUTPUTS, checkpoint_contexts, compile_parts, set_checkpointing_mode,
                                   spikes_saved_packed)
 from models.firing import conv_macs
 from models.neurons import LIF, NeuronConfig, as_neuron_config
@@ -195,6 +195,7 @@ class SpikingResNet(nn.Module):
         self.neuron = cfg
         self.grad_checkpointing = False
         self.checkpointing = "none"
+        self.output = "mean"  # forward's logits: averaged over T, or per step (set_output)
         self._recorded_input: tuple[int, tuple[int, int, int]] | None = None
 
         if stem == "cifar":
@@ -327,9 +328,15 @@ class SpikingResNet(nn.Module):
         return self.forward_head(self.forward_features(x), per_step=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Images ``[B, C, H, W]`` or sequences ``[T', B, C, H, W]`` -> logits
-        ``[B, num_classes]`` averaged over time."""
-        return self.forward_head(self.forward_features(x))
+        """Input as in ``forward_steps`` -> logits ``[B, num_classes]`` averaged over time, or
+        per step ``[T, B, num_classes]`` when ``output`` is ``"per_step"`` (TET training)."""
+        return self.forward_head(self.forward_features(x), per_step=self.output == "per_step")
+
+    def set_output(self, output: str) -> None:
+        """What ``forward`` returns: ``"mean"`` logits over time or ``"per_step"`` logits."""
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
+        self.output = output
 
     def spike_consumers(self) -> dict[str, list[str]]:
         """Neuron layer name -> names of the conv/linear layers its spikes feed."""

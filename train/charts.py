@@ -57,3 +57,23 @@ def plot_firing_rates(history: dict[int, dict[str, float]], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_latency(top1_by_step: dict[int, float], path: Path) -> Path:
+    """Validation top-1 against the number of time steps inference ran (the mean of the first
+    t steps' logits): the latency/accuracy curve of SNN papers. Returns `path`."""
+    if not top1_by_step:
+        raise ValueError("plot_latency needs the top-1 of at least one step")
+    steps = sorted(top1_by_step)
+    fig, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
+    ax.plot(steps, [top1_by_step[t] for t in steps], marker="o")
+    ax.set_xticks(steps)
+    ax.set_xlabel("time steps of inference")
+    ax.set_ylabel("validation top-1")
+    ax.set_title("accuracy against latency")
+    ax.grid(alpha=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

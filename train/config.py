@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_pipelines.common import DATASETS
 from data_pipelines.loaders import DataConfig
+from models.checkpointing import OUTPUTS
 from models.neurons import NeuronConfig, NeuronConfigError
 from train.tracking import TrackingConfig
 
@@ -58,6 +59,7 @@ class ModelConfig:
     num_classes: int = 0                # 0: take it from the dataset's meta.json
     in_chans: int = 0                   # 0: take it from the dataset's meta.json
     neuron: NeuronConfig = field(default_factory=NeuronConfig)
+    output: str = choice(*OUTPUTS)      # forward's logits: mean over T, or per step [T, B, classes] (TET)
 
 
 @dataclass
@@ -74,6 +76,9 @@ class OptimConfig:
     warmup_epochs: float = 0.0          # linear warmup, then cosine to min_lr
     min_lr: float = 0.0
     label_smoothing: float = 0.0
+    loss: str = choice("ce", "tet")     # tet: Temporal Efficient Training (Deng et al. 2022), model.output=per_step
+    tet_lambda: float = 1e-3            # TET's weight of the MSE term pulling every step's output to tet_phi
+    tet_phi: float = 1.0                # TET's target of that MSE term
     grad_clip: float = 0.0              # max global grad norm; 0 disables clipping
     accumulate: int = at_least(1)       # micro-batches per optimizer step
     ema_decay: float = 0.0              # EMA of weights (e.g. 0.9998), evaluated beside the model; 0 = off
@@ -178,6 +183,8 @@ def load_config(paths: str | Path | list[str | Path] | None, overrides: list[str
         key, _, problem = str(e).partition(": ")
         raise ConfigError(f"config key 'model.{key}': {problem}") from None
     _check_choices(cfg)
+    if cfg.optim.loss == "tet" and cfg.model.output != "per_step":
+        raise ConfigError("config key 'optim.loss': tet needs every step's output; set model.output=per_step")
     if cfg.data.dataset not in DATASETS:
         raise ConfigError(f"config key 'data.dataset': {cfg.data.dataset!r} is not one of: {', '.join(DATASETS)}")
     return cfg

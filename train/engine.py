@@ -16,6 +16,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import timm
@@ -24,11 +26,12 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
+from torch.nn import functional as F
 
 import models  # noqa: F401  (registers the spiking networks with timm)
 from data_pipelines.loaders import DataError, create_loader
 from train import distributed, measure
-from train.checkpoints import Checkpointer, rng_state, set_rng_state
+from train.checkpoints import Checkpointer, rng_state, set_rng_state, write_atomically
 from train.config import Config, ConfigError, changed_keys, config_hash, flat_items, load_config, to_dict, to_yaml
 from train.strategies import build_strategy, cpu_precision_warning
 from train.tracking import Tracker, environment_params, resolve_uri
@@ -97,6 +100,7 @@ def build_model(cfg: Config, meta: dict[str, Any]) -> nn.Module:
                               num_classes=cfg.model.num_classes or meta["num_classes"],
                               in_chans=cfg.model.in_chans or meta["in_chans"])
     model.set_checkpointing(cfg.train.checkpointing, cfg.train.time_chunk)
+    model.set_output(cfg.model.output)
     return model
 
 
@@ -112,6 +116,23 @@ def build_mixup(cfg: Config, num_classes: int) -> Mixup | None:
         raise ConfigError(f"config key 'data.batch_size': mixup needs an even batch size, got {cfg.data.batch_size}")
     return Mixup(mixup_alpha=o.mixup_alpha, cutmix_alpha=o.cutmix_alpha,
                  label_smoothing=o.label_smoothing, num_classes=num_classes)
+
+
+def tet_loss(logits: torch.Tensor, target: torch.Tensor, criterion: nn.Module, lam: float, phi: float) -> torch.Tensor:
+    """Temporal Efficient Training (Deng et al., ICLR 2022): the loss of every step's output,
+    averaged over T, plus lam * MSE between the outputs and phi (their reference code's
+    `(1 - lamb) * L_TET + lamb * L_MSE`). logits `[T, B, classes]`; target labels or soft targets."""
+    per_step = torch.stack([criterion(step, target) for step in logits]).mean()
+    return (1 - lam) * per_step + lam * F.mse_loss(logits, torch.full_like(logits, phi))
+
+
+def build_loss(cfg: Config, mixup: Mixup | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss on the model's output: cross-entropy of the mean logits (mixup makes
+    soft targets, label smoothing included), or TET on per-step logits."""
+    criterion = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    if cfg.optim.loss == "tet":
+        return partial(tet_loss, criterion=criterion, lam=cfg.optim.tet_lambda, phi=cfg.optim.tet_phi)
+    return lambda logits, target: criterion(measure.mean_over_time(logits), target)
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -174,10 +195,9 @@ class Trainer:
         scheduler = build_scheduler(cfg, optimizer, self.steps_per_epoch)
         self.strategy = build_strategy(cfg, env, self.model, optimizer, scheduler)
         self.ckpt = Checkpointer(self.run_dir, cfg.train.keep_checkpoints)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)  # scores validation
         self.mixup = build_mixup(cfg, self.model.num_classes)
-        # Mixup makes soft targets (label smoothing included); plain CE still scores validation.
-        self.train_criterion = SoftTargetCrossEntropy() if self.mixup else self.criterion
+        self.train_criterion = build_loss(cfg, self.mixup)
         self.ema = ModelEmaV3(self.model, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         if cfg.train.compile:
             # In place, after the EMA's copy (which stays eager): the strategy's wrappers call
@@ -247,7 +267,7 @@ class Trainer:
             return 0
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            write_atomically(self.run_dir / "config.yaml", to_yaml(cfg))
         n = cfg.model.neuron
         tags = {"model": cfg.model.name, "dataset": cfg.data.dataset, "T": str(cfg.model.T),
                 "neuron": f"{'lif' if n.leak else 'if'}-reset_{_value(n.reset)}-rec_{_value(n.recurrence)}",
@@ -286,6 +306,7 @@ class Trainer:
         self.model.train()
         totals = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # loss sum, correct, n
         self.nonfinite_run, tick, seen = 0, time.perf_counter(), 0
+        progress = Progress(self.env, self.epoch, cfg.optim.epochs, self.steps_per_epoch, self.batch // accumulate)
         for i, (x, y) in enumerate(self.train_loader.iterate(self.epoch, self.batch), start=self.batch):
             if i >= last_batch:
                 break
@@ -307,7 +328,7 @@ class Trainer:
             self.nonfinite_run = 0
             s.backward(loss)
             totals += torch.stack([loss.detach().double() * len(y),
-                                   (logits.argmax(1) == y).sum().double(), torch.tensor(len(y), dtype=torch.float64,
+                                   (measure.mean_over_time(logits).argmax(1) == y).sum().double(), torch.tensor(len(y), dtype=torch.float64,
                                                                                         device=y.device)])
             seen += len(y)
             self.batch = i + 1
@@ -317,18 +338,23 @@ class Trainer:
             self.global_step += 1
             if self.ema is not None:
                 self.ema.update(s.module, step=self.global_step)
+            progress.advance()
             if self.global_step % max(1, cfg.tracking.log_every_steps) == 0:
                 elapsed = time.perf_counter() - tick
-                step_loss = distributed.all_reduce_sum(loss.detach().double().reshape(1)) / self.env.world_size
-                self.tracker.log_metrics({"train/step_loss": float(step_loss), "train/lr": s.scheduler.get_last_lr()[0],
-                                          "train/images_per_s": seen * self.env.world_size / elapsed,
+                step_loss = float(distributed.all_reduce_sum(loss.detach().double().reshape(1)) / self.env.world_size)
+                lr, images_per_s = s.scheduler.get_last_lr()[0], seen * self.env.world_size / elapsed
+                self.tracker.log_metrics({"train/step_loss": step_loss, "train/lr": lr,
+                                          "train/images_per_s": images_per_s,
                                           "train/nonfinite_steps": self.nonfinite_total, **stats}, self.global_step)
+                progress.report(step_loss, lr, images_per_s)
                 tick, seen = time.perf_counter(), 0
             every = cfg.train.checkpoint_every_steps
             if stopping or (every and self.global_step % every == 0):
                 self.save()
             if stopping:
+                progress.close()
                 return "stopped"
+        progress.close()
         distributed.all_reduce_sum(totals)
         self.train_totals = totals
         return "done"
@@ -380,8 +406,14 @@ class Trainer:
             with s.forward_context(True):
                 return model(s.prepare_input(x))
 
-        return measure.clean_metrics(model, self.val_loader.iterate(self.epoch), device=self.env.device,
-                                     forward=forward, criterion=self.criterion)
+        # Per-step logits also give the top-1 had inference stopped after t steps (val/top1_t<t>).
+        output = model.output
+        model.set_output("per_step")
+        try:
+            return measure.clean_metrics(model, self.val_loader.iterate(self.epoch), device=self.env.device,
+                                         forward=forward, criterion=self.criterion)
+        finally:
+            model.set_output(output)
 
     def finish(self) -> None:
         """Final metrics, artifacts and the summary line a researcher looks for."""
@@ -389,8 +421,9 @@ class Trainer:
         final["best_val_top1"] = self.best_top1
         if self.env.is_main:
             path = self.run_dir / "final_metrics.json"
-            path.write_text(json.dumps(final, indent=2, sort_keys=True))
+            write_atomically(path, json.dumps(final, indent=2, sort_keys=True))
             self.tracker.log_artifact(path)
+            self.tracker.log_latency_chart(final)
             best = self.run_dir / "best_model.pt"
             if best.exists():
                 # A fresh module: the trained one may carry DDP/DeepSpeed hooks that do not pickle.
@@ -406,6 +439,42 @@ class Trainer:
         log(self.env, f"run directory: {self.run_dir}")
         log(self.env, f"MLflow run: {run_id} in experiment '{self.cfg.tracking.experiment}' at {uri} "
                       "(browse with `make mlflow-ui`)")
+
+
+class Progress:
+    """Rank 0's console within an epoch, for job logs that otherwise stay silent between epoch
+    lines: a tqdm bar on a terminal; else one line per `tracking.log_every_steps` steps with
+    epoch, step, loss, lr, images/s and the time left in the epoch (no carriage returns)."""
+
+    def __init__(self, env: distributed.DistEnv, epoch: int, epochs: int, steps: int, done: int):
+        self.enabled = env.is_main
+        self.epoch, self.epochs, self.steps, self.done = epoch + 1, epochs, steps, done
+        self.started, self.start_step = time.perf_counter(), done
+        self.bar = None
+        if self.enabled and sys.stdout.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=steps, initial=done, desc=f"epoch {self.epoch}/{epochs}", leave=False,
+                            dynamic_ncols=True)
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def report(self, loss: float, lr: float, images_per_s: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{images_per_s:.0f}")
+            return
+        rate = (self.done - self.start_step) / max(time.perf_counter() - self.started, 1e-9)
+        left = (self.steps - self.done) / rate if rate > 0 else 0.0
+        print(f"epoch {self.epoch}/{self.epochs} step {self.done}/{self.steps}  loss {loss:.4f}  lr {lr:.4g}  "
+              f"{images_per_s:.0f} img/s  epoch ends in {time.strftime('%H:%M:%S', time.gmtime(left))}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _value(x) -> str:

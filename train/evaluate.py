@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 
 from data_pipelines.loaders import DataError, create_loader
 from train import distributed, measure
-from train.checkpoints import Checkpointer
+from train.checkpoints import Checkpointer, write_atomically
 from train.config import Config, ConfigError, load_config, to_dict
 from train.tracking import Tracker, resolve_uri
 
@@ -97,6 +96,7 @@ def evaluate_run(cfg: Config, env: distributed.DistEnv, run_dir: Path) -> dict[s
     model = build_model(cfg, val.meta)
     model.load_state_dict(weights)
     model.to(device).eval().requires_grad_(False)  # the attacks need input gradients only
+    model.set_output("per_step")  # clean top-1 after each step too; the measures average over T
     space = measure.InputSpace.from_meta(val.meta, device)
 
     def batches(count: int):
@@ -167,16 +167,6 @@ def _log(cfg: Config, env: distributed.DistEnv, run_dir: Path, metrics: dict[str
     tracker.close()
     uri = resolve_uri(cfg.tracking, run_dir.parent)
     print(f"MLflow run {tracker.run_id} at {uri}: eval/... metrics at step {step}", flush=True)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """`text` into `path` through a temporary name and a rename: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

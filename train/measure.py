@@ -88,6 +88,11 @@ def generator(seed: int, *words: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
+def mean_over_time(logits: Tensor) -> Tensor:
+    """Logits `[B, classes]`, averaging per-step logits `[T, B, classes]` over time."""
+    return logits.mean(0) if logits.ndim == 3 else logits
+
+
 def limit(batches: Batches, count: int) -> Iterator[tuple[Tensor, Tensor]]:
     """The first `count` batches (all when 0)."""
     return itertools.islice(batches, count or None)
@@ -103,7 +108,9 @@ def clean_metrics(model: nn.Module, batches: Batches, *, device: torch.device,
     """Loss, top-1, top-5 and per-layer firing statistics of `model` in eval mode.
 
     forward: how to call the model (autocast, input casts of a strategy); `model(x)` if None.
-    criterion: the batch-mean loss (the trainer's, label smoothing included).
+        Per-step logits `[T, B, classes]` also give `val/top1_t<k>`: top-1 of the mean of the
+        first k steps' logits, the accuracy had inference stopped after k steps.
+    criterion: the batch-mean loss on mean logits (the trainer's, label smoothing included).
     Returns `val/loss`, `val/top1`, `val/top5` and `firing_report`'s keys (rates, sparsity, SOPs
     and energy per image), over all ranks.
     """
@@ -113,9 +120,16 @@ def clean_metrics(model: nn.Module, batches: Batches, *, device: torch.device,
     set_firing_recording(model, True)
     reset_firing_counts(model)
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, n
+    per_step: Tensor | None = None  # correct after k = 1..T steps
     try:
         for x, y in batches:
             logits = forward(x).float()
+            if logits.ndim == 3:
+                steps = torch.arange(1, logits.shape[0] + 1, device=logits.device).view(-1, 1, 1)
+                early = (logits.cumsum(0) / steps).argmax(-1) == y  # [T, B]
+                correct = early.sum(1).double()
+                per_step = correct if per_step is None else per_step + correct
+                logits = logits.mean(0)
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
             totals += torch.stack([criterion(logits, y).double() * len(y),
                                    (top5[:, 0] == y).sum().double(), (top5 == y[:, None]).any(1).sum().double(),
@@ -131,7 +145,10 @@ def clean_metrics(model: nn.Module, batches: Batches, *, device: torch.device,
     loss_sum, top1, top5, n = distributed.all_reduce_sum(totals).tolist()
     if n == 0:
         raise ValueError("clean_metrics: no batches to evaluate")
-    return {"val/loss": loss_sum / n, "val/top1": top1 / n, "val/top5": top5 / n,
+    early_top1 = {}
+    if per_step is not None:
+        early_top1 = {f"val/top1_t{k}": c / n for k, c in enumerate(distributed.all_reduce_sum(per_step).tolist(), 1)}
+    return {"val/loss": loss_sum / n, "val/top1": top1 / n, "val/top5": top5 / n, **early_top1,
             **firing_report(counts, model, images=int(n))}
 
 
@@ -145,7 +162,7 @@ def top1(model: nn.Module, batches: Batches, perturb: Perturbation | None = None
     for i, (x, y) in enumerate(batches):
         x = perturb(i, x, y) if perturb is not None else x
         with torch.no_grad():
-            pred = model(x).argmax(-1)
+            pred = mean_over_time(model(x)).argmax(-1)
         correct += torch.tensor([float((pred == y).sum()), float(len(y))], dtype=torch.float64, device=device)
     right, n = distributed.all_reduce_sum(correct).tolist()
     return right / n if n else float("nan")
@@ -172,7 +189,7 @@ def _loss_and_gradient(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, 
     """(per-sample loss [B], d(mean loss)/dx, correct [B] bool) at `x`."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = model(x).float()
+        logits = mean_over_time(model(x)).float()
         losses = F.cross_entropy(logits, y, reduction="none")
         (grad,) = torch.autograd.grad(losses.mean(), x)
     return losses.detach(), grad, logits.detach().argmax(-1) == y

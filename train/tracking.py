@@ -751,6 +751,16 @@ class Tracker:
         self._submit({"op": "artifact", "path": str(png), "artifact_path": "charts",
                       "cleanup": str(staging)})
 
+    def log_latency_chart(self, metrics: dict[str, float]) -> None:
+        """Render `val/top1_t<k>` of `metrics` to `charts/latency.png` in the artifacts."""
+        top1 = {int(k.rpartition("_t")[2]): v for k, v in metrics.items() if k.startswith("val/top1_t")}
+        if self._closed or not top1:
+            return
+        from train.charts import plot_latency
+        staging = self._staging_dir()
+        png = plot_latency(top1, staging / "latency.png")
+        self._submit({"op": "artifact", "path": str(png), "artifact_path": "charts", "cleanup": str(staging)})
+
     def log_model(self, model: torch.nn.Module, name: str = "best_model") -> None:
         """Save `model` as an MLflow PyTorch model under artifact `name`.
 
