@@ -3,8 +3,11 @@
 The order in which samples are seen is planned here, not by FFCV: it is a pure function of
 (seed, epoch, rank, world_size), each rank reads a disjoint shard, and a resumed run can start
 mid-epoch by skipping planned batches without decoding them. FFCV then decodes exactly that
-order. One FFCV `Loader` (whose numba pipeline costs seconds to compile) is built per split and
-resolution and reused every epoch, so an epoch starts in milliseconds.
+order. Every augmentation (crop, flip, translation) of a sample is a function of (seed, epoch,
+the sample's index in the data set) (transforms.py), so a sample looks the same whichever rank,
+batch size or resumed batch reads it. One FFCV `Loader` (whose numba pipeline costs seconds to
+compile) is built per split and resolution and reused every epoch and seed, so an epoch starts in
+milliseconds.
 """
 
 from __future__ import annotations
@@ -22,14 +25,14 @@ from ffcv.fields.ndarray import NDArrayDecoder
 from ffcv.fields.rgb_image import SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
-from ffcv.transforms import (NormalizeImage, RandomTranslate, Squeeze, ToDevice, ToTensor,
-                             ToTorchImage)
+from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 
 from .common import (DATASETS, TRAIN_FILE, VAL_FILE, DataError, build_command, read_meta,
                      resolve_workers)
 from .jpeg_region import crop_decoders
-from .transforms import EventFramesToFloat, NormalizeToFloat, RandomHorizontalFlipInPlace
+from .transforms import (AugmentKey, EventFramesToFloat, NormalizeToFloat,
+                         RandomHorizontalFlipInPlace, RandomTranslateInPlace)
 
 SPLIT_FILES = {"train": TRAIN_FILE, "val": VAL_FILE}
 
@@ -112,15 +115,22 @@ _FFCV_LOADERS: dict[tuple, Loader] = {}
 
 
 class _PlannedOrder(TraversalOrder):
-    """FFCV traversal order that replays the indices `EpochLoader.iterate` planned.
+    """FFCV traversal order that replays what `EpochLoader.iterate` planned for an epoch: the
+    sample indices, and the (seed, epoch) `augment_key` the loader's random stages read.
 
     FFCV's own orders shard with torch's DistributedSampler, which pads shards with duplicates
     and cannot start mid-epoch; handing FFCV the exact list avoids both.
     """
 
-    def __init__(self, loader: Loader):
+    def __init__(self, loader: Loader, augment_key: AugmentKey):
         super().__init__(loader)
         self.planned = np.asarray(loader.indices)
+        self.augment_key = augment_key
+
+    def plan(self, indices: np.ndarray, seed: int, epoch: int) -> None:
+        """Read `indices` next, augmented as epoch `epoch` of run seed `seed`."""
+        self.planned = indices
+        self.augment_key.set(seed, epoch)
 
     def sample_order(self, epoch: int) -> np.ndarray:
         return self.planned
@@ -166,6 +176,9 @@ class EpochLoader:
         self.flip = default_flip(meta["dataset"]) if cfg.flip is None else cfg.flip
         self.translate = (default_translate(meta["dataset"]) if cfg.translate is None
                           else cfg.translate)
+        # Where the random stages of the pipelines this loader builds read (seed, epoch) from;
+        # a loader reusing another's compiled pipelines keys them through its traversal order.
+        self._augment_key = AugmentKey()
 
     def order(self, epoch: int) -> np.ndarray:
         """This rank's sample indices for `epoch`, in the order `iterate` yields them."""
@@ -204,7 +217,7 @@ class EpochLoader:
         if len(order) == 0:
             return
         loader = self._ffcv_loader(self.resolution(epoch))
-        loader.traversal_order.planned = order
+        loader.traversal_order.plan(order, self.seed, epoch)
         batches = iter(loader)
         try:
             yield from _checked(batches)
@@ -214,34 +227,35 @@ class EpochLoader:
     def _ffcv_loader(self, resolution: int | None) -> Loader:
         """The FFCV loader for `resolution`, compiled once per process and configuration.
 
-        Loaders that differ only in rank or order share one (the order is handed over per
-        epoch), so a test or a restarted trainer in the same process does not recompile; a
-        subclass with other pipelines gets its own.
+        Loaders that differ only in seed, rank or order share one (order, seed and epoch are
+        handed over per epoch), so a test or a restarted trainer in the same process does not
+        recompile; a subclass with other pipelines gets its own.
         """
         stat = self.beton.stat()
         key = (type(self), str(self.beton.resolve()), stat.st_ino, stat.st_mtime_ns, self.split,
                self.train, self.batch_size, self.num_workers, str(self.device), resolution, self.flip,
-               self.translate, self.normalise_on_device,
-               self.seed * 1000 + self.rank if self.meta["dataset"] == "dvs" else 0)
+               self.translate, self.normalise_on_device)
         if key not in _FFCV_LOADERS:
             loader = Loader(str(self.beton), batch_size=self.batch_size,
                             num_workers=self.num_workers, order=OrderOption.SEQUENTIAL,
                             drop_last=False, pipelines=self._pipelines(resolution))
-            loader.traversal_order = _PlannedOrder(loader)
+            loader.traversal_order = _PlannedOrder(loader, self._augment_key)
             _FFCV_LOADERS[key] = loader
         return _FFCV_LOADERS[key]
 
     def _pipelines(self, resolution: int | None) -> dict[str, list]:
-        """The FFCV pipeline of each field, as in ffcv-imagenet's `create_train_loader`."""
+        """The FFCV pipeline of each field, as in ffcv-imagenet's `create_train_loader`; the
+        random stages read (seed, epoch) from `self._augment_key`."""
         dataset, device, train = self.meta["dataset"], self.device, self.train
+        key = self._augment_key
         channels_last = device.type == "cuda"
-        flip = [RandomHorizontalFlipInPlace()] if train and self.flip else []
+        flip = [RandomHorizontalFlipInPlace(key)] if train and self.flip else []
         # Squeeze(1), not Squeeze(): a last batch of one sample must stay [1], not become [].
         label = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
         if dataset == "dvs":
             augment = (train and self.flip, self.translate if train else 0)
             frames = [NDArrayDecoder(), ToTensor(), ToDevice(device, non_blocking=True),
-                      EventFramesToFloat(*augment, seed=self.seed * 1000 + self.rank)]
+                      EventFramesToFloat(*augment, key)]
             return {"frames": frames, "label": label}
         mean, std = self.meta["mean"], self.meta["std"]
         if dataset == "digits":
@@ -253,11 +267,12 @@ class EpochLoader:
                         NormalizeToFloat(mean, std, channels_last=False, time_major=True)]
             return {"sequence": sequence, "label": label}
         if dataset in ("cifar10", "cifar100"):
-            translate = [RandomTranslate(padding=self.translate)] if train and self.translate else []
+            shift = train and self.translate
+            translate = [RandomTranslateInPlace(key, self.translate)] if shift else []
             decode = [SimpleRGBImageDecoder(), *flip, *translate]
         elif train:  # imagenet; JPEGs decoded only where the crop is (jpeg_region.py)
             random_crop, _ = crop_decoders()
-            decode = [random_crop((resolution, resolution)), *flip]
+            decode = [random_crop((resolution, resolution), key), *flip]
         else:
             _, centre_crop = crop_decoders()
             decode = [centre_crop((resolution, resolution), ratio=CENTER_CROP_RATIO)]

@@ -1,5 +1,5 @@
 """Region JPEG decoding: the crop's pixels equal FFCV's whole-image decode, in the library and
-through the ImageNet loaders; a missing compiler falls back to FFCV's decoders."""
+through the ImageNet loaders; without a compiler the decoders decode JPEGs whole."""
 
 from __future__ import annotations
 
@@ -122,7 +122,13 @@ def test_train_loader_crops_are_decoded_regions_of_the_stored_images(jpeg_build)
     assert (flat.std(1) > 0.05).all() and torch.cdist(flat, flat).add(torch.eye(8) * 1e9).min() > 0
 
 
-def test_without_a_compiler_the_loaders_keep_ffcvs_decoders(tmp_path, monkeypatch):
+def test_without_a_compiler_the_decoders_decode_whole_jpegs_to_the_same_crops(
+        jpeg_build, tmp_path, monkeypatch):
+    """FFCV's random crop is not seeded, so the fallback is ours decoding JPEGs whole: the same
+    keyed crops, the same pixels as the region decode."""
+    cfg = DataConfig(dataset="imagenet", path=str(jpeg_build), batch_size=4, resolution=32,
+                     num_workers=1)
+    regions = _batches(cfg, "train", epoch=1)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("SPIKESCALE_CACHE", str(tmp_path / "cache"))
     jpeg_region._library.cache_clear()
@@ -132,7 +138,14 @@ def test_without_a_compiler_the_loaders_keep_ffcvs_decoders(tmp_path, monkeypatc
         assert not available and "no-such-cc" in why
         with pytest.warns(UserWarning, match="decoded whole"):
             decoders = jpeg_region.crop_decoders()
-        assert decoders == (RandomResizedCropRGBImageDecoder, CenterCropRGBImageDecoder)
+        assert decoders == (jpeg_region.RandomResizedCropRegionDecoder,
+                            jpeg_region.CenterCropRegionDecoder)
         assert not list((tmp_path / "cache").glob("*"))  # no half-written library left behind
+        _KEPT.append({})
+        monkeypatch.setattr(loaders, "_FFCV_LOADERS", _KEPT[-1])  # compile without the library
+        wholes = _batches(cfg, "train", epoch=1)
     finally:
         jpeg_region._library.cache_clear()
+    assert len(regions) == len(wholes) == 2
+    for (a, ya), (b, yb) in zip(regions, wholes):
+        assert torch.equal(ya, yb) and torch.equal(a, b)
