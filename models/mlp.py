@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from models.checkpointing import (OUTPUTS, checkpoint_contexts, compile_parts, set_checkpointing_mode,
                                   spikes_saved_packed)
 from models.neurons import LIF, LIFState, NeuronConfig, as_neuron_config
-from models.resnet import _TIMM_KWARGS
+from models.resnet import create_checked
 from models.tdbn import TdBN
 
 __all__ = ["NORMS", "TdBN1d", "LinearBlock", "SpikingMLP", "SpikingMLPArgumentError"]
@@ -242,16 +242,7 @@ class SpikingMLP(nn.Module):
 
 
 def _create(name: str, pretrained: bool, extra: dict[str, Any], **arch: Any) -> SpikingMLP:
-    # timm passes its own bookkeeping arguments to every entry point; anything else is a typo.
-    unknown = sorted(k for k in extra if k not in _TIMM_KWARGS)
-    if unknown:
-        raise SpikingMLPArgumentError(
-            f"{name}: unknown argument(s) {', '.join(unknown)}; "
-            "accepted: T, num_classes, in_chans, neuron, hidden, norm"
-        )
-    if pretrained:
-        raise SpikingMLPArgumentError(f"{name}: no pretrained weights exist; use pretrained=False")
-    return SpikingMLP(**arch)
+    return create_checked(SpikingMLP, name, pretrained, extra, "T, num_classes, in_chans, neuron, hidden, norm", error=SpikingMLPArgumentError, **arch)
 
 
 @register_model

@@ -367,17 +367,22 @@ class SpikingResNet(nn.Module):
 _TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
-def _create(name: str, pretrained: bool, extra: dict[str, Any], **arch: Any) -> SpikingResNet:
-    # timm passes its own bookkeeping arguments to every entry point; anything else is a typo.
+def create_checked(cls: type[nn.Module], name: str, pretrained: bool, extra: dict[str, Any], accepted: str,
+                   error: type[TypeError] = SpikingResNetArgumentError, **arch: Any) -> nn.Module:
+    """`cls(**arch)` for the timm entry point `name`, refusing what no model here accepts.
+
+    timm passes its own bookkeeping arguments (`_TIMM_KWARGS`) to every entry point; any other
+    entry of `extra` is a typo, named in one line with the `accepted` arguments."""
     unknown = sorted(k for k in extra if k not in _TIMM_KWARGS)
     if unknown:
-        raise SpikingResNetArgumentError(
-            f"{name}: unknown argument(s) {', '.join(unknown)}; "
-            "accepted: T, num_classes, in_chans, neuron"
-        )
+        raise error(f"{name}: unknown argument(s) {', '.join(unknown)}; accepted: {accepted}")
     if pretrained:
-        raise SpikingResNetArgumentError(f"{name}: no pretrained weights exist; use pretrained=False")
-    return SpikingResNet(**arch)
+        raise error(f"{name}: no pretrained weights exist; use pretrained=False")
+    return cls(**arch)
+
+
+def _create(name: str, pretrained: bool, extra: dict[str, Any], **arch: Any) -> SpikingResNet:
+    return create_checked(SpikingResNet, name, pretrained, extra, "T, num_classes, in_chans, neuron", **arch)
 
 
 NeuronArg = NeuronConfig | Mapping[str, Any] | None

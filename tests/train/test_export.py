@@ -1,0 +1,95 @@
+"""`python -m train.export`: a run directory's weights, folded, as a rebuildable torch file or a
+NIR graph; user errors are one line and exit code 2."""
+
+from pathlib import Path
+
+import nir
+import pytest
+import torch
+
+from data_pipelines.common import read_meta
+from models.deploy import fold_model, load_folded, simulate_nir
+from train.config import load_config, to_yaml
+from train.engine import build_model
+from train.export import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _make_run(root: Path, digits_dir: Path, *overrides: str,
+              best: bool = True) -> tuple[Path, torch.nn.Module]:
+    """A run directory as `python -m train` leaves it: config.yaml and best_model.pt (weights of a
+    freshly built model whose tdBN statistics moved away from their initial values)."""
+    run_dir = root / "run"
+    run_dir.mkdir()
+    cfg = load_config(REPO / "configs/demo_digits.yaml", [f"data.path={digits_dir}", *overrides])
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    torch.manual_seed(0)
+    model = build_model(cfg, read_meta(digits_dir))
+    with torch.no_grad():
+        model.train()
+        for _ in range(3):
+            model(torch.randn(8, 1, 8, 8) + 0.5)
+    model.eval()
+    if best:
+        torch.save(model.state_dict(), run_dir / "best_model.pt")
+    return run_dir, model
+
+
+def test_export_torch_writes_the_folded_model_which_rebuilds_and_matches(tmp_path, digits_dir, capsys):
+    run_dir, model = _make_run(tmp_path, digits_dir)
+    assert main([str(run_dir), "--format", "torch"]) == 0
+
+    path = run_dir / "export" / "model_folded.pt"
+    assert f"wrote {path}" in capsys.readouterr().out
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+    folded = load_folded(path)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-4)
+        assert torch.equal(folded(x), fold_model(model)(x))
+
+
+def test_export_nir_writes_a_graph_that_simulates_like_the_model(tmp_path, digits_dir):
+    run_dir, model = _make_run(tmp_path, digits_dir)
+    out = tmp_path / "elsewhere" / "net.nir"
+    assert main([str(run_dir), "--format", "nir", "--out", str(out)]) == 0
+
+    graph = nir.read(out)
+    assert tuple(graph.nodes["input"].input_type["input"]) == (1, 8, 8)
+    x = torch.randn(3, 1, 8, 8)
+    steps = simulate_nir(graph, x.unsqueeze(0).expand(model.T, *x.shape))
+    with torch.no_grad():
+        torch.testing.assert_close(steps.mean(0), fold_model(model)(x), atol=1e-5, rtol=1e-5)
+
+
+def test_export_reads_the_newest_step_checkpoint_with_eval_checkpoint_last(tmp_path, digits_dir):
+    run_dir, model = _make_run(tmp_path, digits_dir, best=False)
+    (run_dir / "checkpoints").mkdir()
+    torch.save({"model": model.state_dict(), "global_step": 7}, run_dir / "checkpoints" / "step-000000007.pt")
+    assert main([str(run_dir), "--format", "torch", "eval.checkpoint=last"]) == 0
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(load_folded(run_dir / "export" / "model_folded.pt")(x), fold_model(model)(x))
+
+
+@pytest.mark.parametrize("setup, args, message", [
+    ("none", ["--format", "torch"], "is not a run directory"),
+    ("no_weights", ["--format", "torch"], "best_model.pt is missing"),
+    ("soft_reset", ["--format", "nir"], "neuron.reset=soft"),
+    ("moved_data", ["--format", "nir"], "meta.json"),
+])
+def test_export_user_errors_are_one_line_with_exit_code_2(tmp_path, digits_dir, capsys, setup, args, message):
+    if setup == "none":
+        run_dir = tmp_path / "nothing"
+    elif setup == "no_weights":
+        run_dir, _ = _make_run(tmp_path, digits_dir, best=False)
+    elif setup == "soft_reset":
+        run_dir, _ = _make_run(tmp_path, digits_dir, "model.neuron.reset=soft")
+    else:
+        run_dir, _ = _make_run(tmp_path, digits_dir)
+        args = [*args, f"data.path={tmp_path / 'gone'}"]
+    assert main([str(run_dir), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (run_dir / "export").exists()
