@@ -13,6 +13,7 @@ milliseconds.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 import queue
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +55,8 @@ class DataConfig:
     path: str = "data/digits"     # directory with train.beton, val.beton, meta.json
     batch_size: int = 64          # per rank
     val_batch_size: int = 0       # per rank; 0 = batch_size
-    num_workers: int = -1         # FFCV decode threads (FFCV also sets torch's intra-op
-    #                               threads to this); -1 = all cores available to this rank
+    num_workers: int = -1         # FFCV decode threads (torch's own threads are the trainer's);
+    #                               -1 = all cores available to this rank
     resolution: int = 0           # imagenet: train crop size in px (0 = 224); others must be 0
     val_resolution: int = 0       # imagenet: val centre-crop output size (0 = 224)
     min_resolution: int = 0       # imagenet progressive resizing: start size (0 = off)
@@ -218,7 +219,8 @@ class EpochLoader:
             return
         loader = self._ffcv_loader(self.resolution(epoch))
         loader.traversal_order.plan(order, self.seed, epoch)
-        batches = iter(loader)
+        with _torch_threads_kept():
+            batches = iter(loader)
         try:
             yield from _checked(batches)
         finally:
@@ -236,9 +238,10 @@ class EpochLoader:
                self.train, self.batch_size, self.num_workers, str(self.device), resolution, self.flip,
                self.translate, self.normalise_on_device)
         if key not in _FFCV_LOADERS:
-            loader = Loader(str(self.beton), batch_size=self.batch_size,
-                            num_workers=self.num_workers, order=OrderOption.SEQUENTIAL,
-                            drop_last=False, pipelines=self._pipelines(resolution))
+            with _torch_threads_kept():
+                loader = Loader(str(self.beton), batch_size=self.batch_size,
+                                num_workers=self.num_workers, order=OrderOption.SEQUENTIAL,
+                                drop_last=False, pipelines=self._pipelines(resolution))
             loader.traversal_order = _PlannedOrder(loader, self._augment_key)
             _FFCV_LOADERS[key] = loader
         return _FFCV_LOADERS[key]
@@ -283,6 +286,18 @@ class EpochLoader:
             image = [*decode, NormalizeImage(np.array(mean), np.array(std), np.float32),
                      ToTensor(), ToTorchImage()]
         return {"image": image, "label": label}
+
+
+@contextmanager
+def _torch_threads_kept() -> Iterator[None]:
+    """FFCV sets torch's intra-op threads to its decode workers (at construction and at every
+    epoch); the model's arithmetic must not follow `data.num_workers`, or its reduction order, hence
+    its bits, would change with it. The decode threads (numba's) stay FFCV's."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _checked(batches: EpochIterator) -> Iterator[tuple[torch.Tensor, ...]]:

@@ -60,6 +60,8 @@ class ModelConfig:
     in_chans: int = 0                   # 0: take it from the dataset's meta.json
     neuron: NeuronConfig = field(default_factory=NeuronConfig)
     output: str = choice(*OUTPUTS)      # forward's logits: mean over T, or per step [T, B, classes] (TET)
+    args: dict[str, Any] = field(default_factory=dict)  # more factory arguments, e.g. {connect: IAND} for
+    #                                     sew_resnet*, {hidden: [256, 256], norm: bn} for spiking_mlp
 
 
 @dataclass

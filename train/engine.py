@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -29,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import models  # noqa: F401  (registers the spiking networks with timm)
+from data_pipelines.common import available_cores
 from data_pipelines.loaders import DataError, create_loader
 from train import distributed, measure
 from train.checkpoints import Checkpointer, rng_state, set_rng_state, write_atomically
@@ -91,14 +93,21 @@ class StopSignal:
                 signal.signal(sig, signal.SIG_IGN)
 
 
+def model_kwargs(cfg: Config, meta: dict[str, Any]) -> dict[str, Any]:
+    """The factory arguments of `cfg.model.name` (`timm.create_model(name, **these)`)."""
+    return dict(T=cfg.model.T, neuron=cfg.model.neuron, num_classes=cfg.model.num_classes or meta["num_classes"],
+                in_chans=cfg.model.in_chans or meta["in_chans"], **cfg.model.args)
+
+
 def build_model(cfg: Config, meta: dict[str, Any]) -> nn.Module:
     name = cfg.model.name
-    if name not in timm.list_models("spiking_*"):
-        known = ", ".join(timm.list_models("spiking_*"))
+    if name not in models.model_names():
+        known = ", ".join(models.model_names())
         raise ConfigError(f"config key 'model.name': unknown model {name!r}; registered: {known}")
-    model = timm.create_model(name, T=cfg.model.T, neuron=cfg.model.neuron,
-                              num_classes=cfg.model.num_classes or meta["num_classes"],
-                              in_chans=cfg.model.in_chans or meta["in_chans"])
+    try:
+        model = timm.create_model(name, **model_kwargs(cfg, meta))
+    except (TypeError, ValueError) as e:  # the factories name the argument in one line
+        raise ConfigError(f"config key 'model.args': {str(e).splitlines()[0]}") from None
     model.set_checkpointing(cfg.train.checkpointing, cfg.train.time_chunk)
     model.set_output(cfg.model.output)
     return model
@@ -172,6 +181,10 @@ class Trainer:
         warning = cpu_precision_warning(cfg.train.precision, env.device)
         if warning:
             log(env, warning)
+        if env.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # This rank's share of the cores for the model's arithmetic, whatever data.num_workers
+            # is (the bits of a CPU run depend on the thread count, not on the decode threads).
+            torch.set_num_threads(available_cores())
         torch.manual_seed(cfg.run.seed)
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -224,6 +237,9 @@ class Trainer:
                 **({"ema": self.ema.module.state_dict()} if self.ema is not None else {})}
 
     def save(self) -> None:
+        # Metrics first: a run killed after this checkpoint resumes past the steps logged so far,
+        # so they must be in the store (or, while it is failing, in the tracker's journal).
+        self.tracker.flush()
         self.strategy.save(self.ckpt, self.global_step, self.client_state())
         distributed.barrier()
 
