@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TdBN", "fold_tdbn_into_conv"]
+__all__ = ["TdBN", "SyncBatchNorm2d", "convert_sync_tdbn", "fold_tdbn_into_conv"]
 
 
 class TdBN(nn.Module):
@@ -90,6 +90,57 @@ def _batch_norm(bn: nn.BatchNorm2d, x: Tensor, weight: Tensor, bias: Tensor) -> 
         weight, bias = weight.to(bn.running_mean.dtype), bias.to(bn.running_mean.dtype)
     return F.batch_norm(x, bn.running_mean if keep_running else None, bn.running_var if keep_running else None,
                         weight, bias, use_batch_stats, momentum, bn.eps)
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """An affine-free batch norm whose training statistics cover every rank's batch.
+
+    Written here because torch's ``nn.SyncBatchNorm`` refuses CPU tensors (gloo), and the same
+    code should run in the CPU tests and on GPUs. Per channel, the sums of x and x^2 and the
+    count are all-reduced in one differentiable call (``torch.distributed.nn``), so gradients
+    flow to every rank's input as with one process on the concatenated batch. Outside training,
+    or with one rank, it is ``nn.BatchNorm2d``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        channels = x.shape[1]
+        x32 = x.float()
+        local = torch.cat([x32.sum((0, 2, 3)), (x32 * x32).sum((0, 2, 3)),
+                           x32.new_full((1,), x32.numel() / channels)])
+        total = all_reduce(local)
+        count = total[-1]
+        mean = total[:channels] / count
+        var = (total[channels:2 * channels] / count - mean * mean).clamp_min(0)  # biased, as BN normalises
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+                unbiased = var * count / (count - 1).clamp_min(1)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        shape = (1, channels, 1, 1)
+        return ((x32 - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)).to(x.dtype)
+
+
+def convert_sync_tdbn(model: nn.Module) -> int:
+    """Give every ``TdBN`` of ``model`` statistics over all ranks (``SyncBatchNorm2d``), in place,
+    keeping its running statistics; returns how many were converted."""
+    converted = 0
+    for module in model.modules():
+        if isinstance(module, TdBN) and type(module.norm) is nn.BatchNorm2d:
+            old = module.norm
+            new = SyncBatchNorm2d(old.num_features, eps=old.eps, momentum=old.momentum, affine=False,
+                                  device=old.running_mean.device, dtype=old.running_mean.dtype)
+            new.load_state_dict(old.state_dict())
+            module.norm = new
+            converted += 1
+    return converted
 
 
 @torch.no_grad()

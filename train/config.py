@@ -101,6 +101,7 @@ class TrainConfig:
     time_chunk: int = at_least(2)       # steps per recomputed chunk under blocks+time
     device: str = choice("auto", "cpu", "cuda")
     compile: bool = False               # torch.compile the model (Inductor); blocks alone when checkpointing
+    sync_bn: bool = False               # tdBN statistics over every rank's batch (DDP/DeepSpeed, > 1 rank)
     checkpoint_every_steps: int = 0     # 0: only at epoch ends and on SIGTERM/SIGUSR2
     keep_checkpoints: int = at_least(3)
     resume: str = choice("auto", "never")

@@ -32,6 +32,7 @@ from torch.nn import functional as F
 import models  # noqa: F401  (registers the spiking networks with timm)
 from data_pipelines.common import available_cores
 from data_pipelines.loaders import DataError, create_loader
+from models.tdbn import convert_sync_tdbn
 from train import distributed, measure
 from train.checkpoints import Checkpointer, rng_state, set_rng_state, write_atomically
 from train.config import Config, ConfigError, changed_keys, config_hash, flat_items, load_config, to_dict, to_yaml
@@ -204,6 +205,9 @@ class Trainer:
             raise ConfigError(f"config key 'data.batch_size': {cfg.data.batch_size} x {env.world_size} ranks "
                               f"x accumulate {cfg.optim.accumulate} exceeds the training set "
                               f"({self.train_loader.samples_per_epoch} samples)")
+        if cfg.train.sync_bn and env.world_size > 1:
+            converted = convert_sync_tdbn(self.model)
+            log(env, f"train.sync_bn: {converted} tdBN layers take their statistics over all {env.world_size} ranks")
         optimizer = build_optimizer(cfg, self.model)
         scheduler = build_scheduler(cfg, optimizer, self.steps_per_epoch)
         self.strategy = build_strategy(cfg, env, self.model, optimizer, scheduler)

@@ -158,3 +158,43 @@ def test_sync_batchnorm_conversion_keeps_the_threshold_multiplier():
     assert isinstance(converted[0], TdBN)
     assert isinstance(converted[0].norm, nn.SyncBatchNorm)
     assert converted[0].scale().tolist() == [0.25, 0.25, 0.25]
+
+
+def _sync_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from models.tdbn import convert_sync_tdbn
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    whole = torch.randn(8, 4, 3, 3) * 3 + 1
+    bn = TdBN(4, alpha=0.7, v_threshold=0.5)
+    assert convert_sync_tdbn(bn) == 1
+    part = whole[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
+    y = bn(part)
+    (y * torch.arange(y.numel()).view_as(y)).sum().backward()
+    torch.save({"y": y.detach(), "grad": part.grad, "mean": bn.norm.running_mean, "var": bn.norm.running_var},
+               f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_synchronised_tdbn_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sync_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    whole = (torch.randn(8, 4, 3, 3) * 3 + 1).requires_grad_(True)
+    bn = TdBN(4, alpha=0.7, v_threshold=0.5)
+    y = bn(whole)
+    (y * torch.cat([torch.arange(y[:4].numel()).view_as(y[:4])] * 2)).sum().backward()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([r["grad"] for r in ranks]), whole.grad, atol=1e-4, rtol=1e-4)
+    for r in ranks:
+        torch.testing.assert_close(r["mean"], bn.norm.running_mean)
+        torch.testing.assert_close(r["var"], bn.norm.running_var)

@@ -61,6 +61,10 @@ class Case(NamedTuple):
 
 CASES = {
     "cifar10": Case(_cifar10, ["cifar10"], ["configs/cifar10_resnet19.yaml"], 8, 1, "cifar10"),
+    "cifar10-T2": Case(_cifar10, ["cifar10"], ["configs/cifar10_resnet19_T2.yaml"], 8, 1, "cifar10"),
+    "cifar10-T6": Case(_cifar10, ["cifar10"], ["configs/cifar10_resnet19_T6.yaml"], 8, 1, "cifar10"),
+    "imagenet-resnet50": Case(_imagenet, ["imagenet"], ["configs/imagenet_resnet50.yaml"], 4, 1, "imagenet",
+                              ("data.resolution=64", "data.val_resolution=64", "data.min_resolution=0")),
     "imagenet-zero2": Case(_imagenet, ["imagenet"],
                            ["configs/imagenet_resnet34.yaml", "configs/blocks/deepspeed_zero2.yaml"],
                            2, 2, "imagenet", ("model.T=2",)),

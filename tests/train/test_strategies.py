@@ -5,6 +5,7 @@ per rank (16 vs 32 samples), so the trajectories agree closely but not bit for b
 below is a few times the gap measured between them (about 0.003 in the first 20 steps).
 """
 import pytest
+import torch
 
 from tests.train.trainrun import metric_history, train
 
@@ -47,3 +48,17 @@ def test_deepspeed_bf16_zero2_as_the_imagenet_recipe_runs_it(single_losses, digi
                     "train.deepspeed.zero_stage=2", "train.precision=bf16", "optim.grad_clip=1.0", nproc=2)
     gaps = [abs(a - b) for a, b in zip(ranked, single_losses)]
     assert len(ranked) == STEPS and max(gaps) < 0.06, gaps  # measured 0.020 (bf16 weights)
+
+
+def test_sync_bn_trains_under_ddp_and_its_checkpoints_load_into_a_plain_model(digits_dir, tmp_path):
+    # The statistics themselves are checked against one process in tests/models/test_tdbn.py.
+    done = train(f"run.root={tmp_path}", f"data.path={digits_dir}", "optim.epochs=1", "data.num_workers=1",
+                 "train.strategy=ddp", "train.sync_bn=true", "data.batch_size=16", nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "train.sync_bn: 6 tdBN layers take their statistics over all 2 ranks" in done.stdout, done.stdout[-2000:]
+    import timm
+
+    import models  # noqa: F401
+
+    state = torch.load(sorted((tmp_path / "demo-digits" / "checkpoints").glob("step-*.pt"))[-1], weights_only=True)
+    timm.create_model("spiking_resnet_tiny", T=4, num_classes=10, in_chans=1).load_state_dict(state["model"])
