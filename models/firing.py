@@ -37,6 +37,8 @@ Networks declare their wiring through the ``SpikingNetwork`` protocol (``models.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -48,6 +50,8 @@ __all__ = [
     "E_MAC_PJ",
     "E_SOP_PJ",
     "SpikingNetwork",
+    "capture_spike_totals",
+    "mean_firing_rate",
     "set_firing_recording",
     "reset_firing_counts",
     "firing_counts",
@@ -72,6 +76,30 @@ class SpikingNetwork(Protocol):
     def first_layer_macs_per_image(self) -> float:
         """Dense MACs of the first layer per image, for the input of the last recorded forward."""
         ...
+
+
+@contextmanager
+def capture_spike_totals(model: nn.Module) -> Iterator[list[tuple[Tensor, int]]]:
+    """Inside the block, every LIF call of ``model`` appends ``(spike sum, neuron-timestep slots)``
+    to the yielded list, the sum keeping its gradient (surrogate): what a firing-rate penalty
+    needs. Recomputations in backward (activation checkpointing) run after the block and add
+    nothing."""
+    totals: list[tuple[Tensor, int]] = []
+    lifs = [m for m in model.modules() if isinstance(m, LIF)]
+    for lif in lifs:
+        lif.spike_totals = totals
+    try:
+        yield totals
+    finally:
+        for lif in lifs:
+            lif.spike_totals = None
+
+
+def mean_firing_rate(totals: list[tuple[Tensor, int]]) -> Tensor:
+    """All spikes over all neuron-timestep slots of ``capture_spike_totals``' list (differentiable)."""
+    if not totals:
+        raise ValueError("mean_firing_rate: no neuron layer ran inside capture_spike_totals")
+    return torch.stack([s for s, _ in totals]).sum() / sum(n for _, n in totals)
 
 
 def set_firing_recording(model: nn.Module, on: bool) -> None:

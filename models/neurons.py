@@ -439,6 +439,9 @@ class LIF(nn.Module):
         # Firing statistics (models.firing): off by default, and then never touched in forward.
         # The counts are a plain attribute, not a buffer, so DDP does not broadcast them.
         self.record_firing = False
+        # Firing-rate regularisation (models.firing.capture_spike_totals): while a list is set,
+        # each call appends (spike sum with its gradient, neuron-timestep slots).
+        self.spike_totals: list[tuple[Tensor, int]] | None = None
         # Activation checkpointing over time (``set_time_chunk``): None runs all T steps at once.
         self.time_chunk: int | None = None
         self.spike_count: Tensor | None = None  # float64 [spikes, neuron slots]
@@ -470,6 +473,8 @@ class LIF(nn.Module):
         else:
             spikes, final = fn(x, self.decay(), self.threshold(), self.recurrent_weight, state,
                                self.spec, return_state=return_state)
+        if self.spike_totals is not None:
+            self.spike_totals.append((spikes.sum(dtype=torch.float32), spikes.numel()))
         if self.record_firing:
             self._record_firing(spikes)
         return (spikes, final) if return_state else spikes

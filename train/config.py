@@ -81,6 +81,8 @@ class OptimConfig:
     loss: str = choice("ce", "tet")     # tet: Temporal Efficient Training (Deng et al. 2022), model.output=per_step
     tet_lambda: float = 1e-3            # TET's weight of the MSE term pulling every step's output to tet_phi
     tet_phi: float = 1.0                # TET's target of that MSE term
+    firing_reg: float = 0.0             # weight of (mean firing rate - firing_target)^2 in the loss; 0 = off
+    firing_target: float = 0.0          # the mean firing rate (spikes / neuron / step) the penalty pulls to
     grad_clip: float = 0.0              # max global grad norm; 0 disables clipping
     accumulate: int = at_least(1)       # micro-batches per optimizer step
     ema_decay: float = 0.0              # EMA of weights (e.g. 0.9998), evaluated beside the model; 0 = off

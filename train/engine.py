@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -32,6 +33,7 @@ from torch.nn import functional as F
 import models  # noqa: F401  (registers the spiking networks with timm)
 from data_pipelines.common import available_cores
 from data_pipelines.loaders import DataError, create_loader
+from models.firing import capture_spike_totals, mean_firing_rate
 from models.tdbn import convert_sync_tdbn
 from train import distributed, measure
 from train.checkpoints import Checkpointer, rng_state, set_rng_state, write_atomically
@@ -334,9 +336,13 @@ class Trainer:
             target = y
             if self.mixup:
                 x, target = self.mixup(x, y)
-            with s.forward_context(boundary):
+            regularise = cfg.optim.firing_reg > 0
+            with s.forward_context(boundary), capture_spike_totals(self.model) if regularise else nullcontext() as spikes:
                 logits = s.model(s.prepare_input(x))
                 loss = self.train_criterion(logits.float(), target)
+                if regularise:  # a sparsity penalty, through the surrogate gradient
+                    penalty = cfg.optim.firing_reg * (mean_firing_rate(spikes) - cfg.optim.firing_target) ** 2
+                    loss = loss + penalty
             finite, stopping = self.agree(loss, stop)
             if not finite:
                 self.nonfinite_run += 1
@@ -363,6 +369,8 @@ class Trainer:
                 elapsed = time.perf_counter() - tick
                 step_loss = float(distributed.all_reduce_sum(loss.detach().double().reshape(1)) / self.env.world_size)
                 lr, images_per_s = s.scheduler.get_last_lr()[0], seen * self.env.world_size / elapsed
+                if regularise:
+                    stats["train/firing_reg_loss"] = float(penalty)
                 self.tracker.log_metrics({"train/step_loss": step_loss, "train/lr": lr,
                                           "train/images_per_s": images_per_s,
                                           "train/nonfinite_steps": self.nonfinite_total, **stats}, self.global_step)

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.train.trainrun import REPO, metric_history, train
@@ -41,3 +42,39 @@ def test_cpu_without_native_bf16_is_told_so_in_one_line():
                          env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}).stdout.splitlines()
     assert out[0].startswith("warning: train.precision=bf16 on a CPU without native bf16 kernels")
     assert "slower than fp32" in out[0] and out[1:] == ["None", "None"]
+
+
+def test_captured_spike_totals_give_the_recorded_firing_rate_with_a_gradient():
+    import timm
+
+    import models
+    from models.firing import capture_spike_totals, mean_firing_rate
+
+    torch.manual_seed(0)
+    model = timm.create_model("spiking_resnet_tiny", T=4, num_classes=10, in_chans=1)
+    x = torch.randn(8, 1, 8, 8)
+    models.set_firing_recording(model, True)
+    with capture_spike_totals(model) as totals:
+        model(x)
+    rate = mean_firing_rate(totals)
+    recorded = models.firing_counts(model)
+    spikes, slots = (sum(float(c[i]) for c in recorded.values()) for i in (0, 1))
+    assert rate.item() == pytest.approx(spikes / slots, rel=1e-5) and 0 < rate.item() < 1
+    rate.backward()
+    assert model.conv1.weight.grad.abs().sum() > 0  # through the surrogate
+    with capture_spike_totals(model) as totals:
+        pass
+    model(x)
+    assert totals == []  # nothing is captured outside the block
+
+
+def test_firing_rate_penalty_lowers_the_firing_rate_and_is_logged(digits_dir, tmp_path):
+    rates = {}
+    for weight in (0, 50):
+        root = tmp_path / f"reg{weight}"
+        done = train(f"run.root={root}", f"data.path={digits_dir}", "optim.epochs=1", "data.num_workers=1",
+                     f"optim.firing_reg={weight}", "tracking.log_every_steps=5")
+        assert done.returncode == 0, done.stderr[-3000:]
+        rates[weight] = json.loads((root / "demo-digits" / "final_metrics.json").read_text())["firing_rate_mean"]
+    assert rates[50] < 0.8 * rates[0], rates
+    assert [v for _, v in metric_history(root, "train/firing_reg_loss")]
