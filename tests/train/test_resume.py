@@ -1,6 +1,5 @@
 """Resume is exact: a run stopped by SIGUSR2 or killed outright ends with the same weights as one
 that never stopped (deterministic CPU settings), and a changed config is refused."""
-import os
 import random
 import signal
 import subprocess
@@ -100,51 +99,4 @@ def test_non_finite_losses_in_a_row_stop_the_run_and_keep_the_checkpoints(digits
     assert list((tmp_path / "demo-digits" / "checkpoints").glob("step-*.pt"))
 
 
-# ----------------------------------------------------------------------------- two ranks
-
-RANKED = {
-    "ddp": ["train.strategy=ddp"],
-    "deepspeed-zero2": ["train.strategy=deepspeed", "train.deepspeed.zero_stage=2"],
-}
-
-
-def ranked_args(root: Path, digits: Path, strategy: str) -> list[str]:
-    # One epoch (45 steps of 2 x 16) keeps the pair of runs per strategy to about a minute or two.
-    return [*args(root, digits), "optim.epochs=1", "data.batch_size=16", *RANKED[strategy]]
-
-
-def ranked_final_weights(root: Path, strategy: str) -> tuple[int, dict[str, torch.Tensor]]:
-    if strategy == "ddp":
-        return final_weights(root)
-    # DeepSpeed: our manifest names the engine's checkpoint; its model file holds the weights.
-    ckpts = root / "demo-digits" / "checkpoints"
-    manifest = torch.load(sorted(ckpts.glob("step-*.pt"))[-1], weights_only=True)
-    engine_state = torch.load(ckpts / "deepspeed" / manifest["deepspeed_tag"] / "mp_rank_00_model_states.pt",
-                              map_location="cpu", weights_only=False)
-    return manifest["global_step"], engine_state["module"]
-
-
-@pytest.fixture(scope="module", params=list(RANKED))
-def ranked_reference(request, digits_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"reference-{request.param}")
-    done = train(*ranked_args(root, digits_dir, request.param), nproc=2)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return request.param, ranked_final_weights(root, request.param)
-
-
-def test_sigkill_of_every_rank_then_resume_gives_identical_weights(ranked_reference, digits_dir, tmp_path):
-    strategy, reference_weights = ranked_reference
-    # Its own session: the kill takes torchrun and both ranks at once, like a node going down.
-    proc = subprocess.Popen(train_command(*ranked_args(tmp_path, digits_dir, strategy), nproc=2), cwd=REPO,
-                            env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        killed_after = wait_for_checkpoint(tmp_path, proc, min_step=random.Random().randrange(5, 35))
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    resumed = train(*ranked_args(tmp_path, digits_dir, strategy), nproc=2)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout, resumed.stdout[-2000:]
-    assert ranked_final_weights(tmp_path, strategy)[0] > killed_after
-    assert_same_weights(ranked_final_weights(tmp_path, strategy), reference_weights)
+# Every rank killed under DDP and DeepSpeed ZeRO-1/2/3, on augmented data: tests/train/test_reproducible.py.
