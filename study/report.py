@@ -467,7 +467,9 @@ def report(args: argparse.Namespace) -> int:
         print(f"finding {finding.key}: {finding.verdict}"
               + ("" if finding.verdict == HOLDS else
                  f" ({', '.join(f'{c.key} {c.verdict}' for c in finding.claims)})"))
-    ui = (f"; UI {uri.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs/{run_id}"
+    # workflowType: MLflow 3's UI picks its GenAI or model-training view from the URL (else the
+    # browser's last choice), not from the experiment's kind tag.
+    ui = (f"; UI {uri.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs/{run_id}?workflowType=machine_learning"
           if uri.startswith(("http://", "https://")) else "")
     print(f"MLflow: parent run {run_id} in experiment {experiment.name!r} (id "
           f"{experiment.experiment_id}) at {uri}, {nested} variant runs nested under it{ui}")

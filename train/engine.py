@@ -9,6 +9,7 @@ resumes from the newest one, in the same MLflow run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -300,6 +301,9 @@ class Trainer:
         if run_id is None:
             self.tracker.log_params({**flat_items(to_dict(cfg)), **environment_params(env.world_size, str(env.device))})
             self.tracker.log_artifact(self.run_dir / "config.yaml")
+            data = Path(cfg.data.path).resolve()
+            digest = hashlib.sha256((data / "meta.json").read_bytes()).hexdigest()[:16]
+            self.tracker.log_dataset(f"{cfg.data.dataset}:{data.name}", digest, str(data))
         try:
             for epoch in range(self.epoch, cfg.optim.epochs):
                 self.epoch = epoch

@@ -90,6 +90,10 @@ class TrackingConfig:
     tags: Dict[str, str] = field(default_factory=dict)
 
 
+#: The experiment tag MLflow 3's UI reads to open runs in its model-training view, not the GenAI one.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 class TrackingError(Exception):
     """A tracking problem the user fixes (deleted experiment, replay against a dead server)."""
 
@@ -324,7 +328,8 @@ class _Sender:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
             try:
-                return self.client.create_experiment(name, artifact_location=artifact_location)
+                return self.client.create_experiment(name, artifact_location=artifact_location,
+                                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except MlflowException as e:  # another job created it between our two calls
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -332,7 +337,18 @@ class _Sender:
         if experiment.lifecycle_stage == "deleted":
             raise TrackingError(f"MLflow experiment '{name}' is deleted in {self.uri}: restore it "
                                 f"(`mlflow experiments restore`) or set tracking.experiment")
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            # Without it MLflow 3's UI guesses, and shows a run's page in its GenAI view.
+            self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
+
+    def _dataset(self, group: list[dict]) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        rec = group[0]
+        dataset = Dataset(name=rec["name"], digest=rec["digest"], source_type="local",
+                          source=json.dumps({"uri": rec["source"]}))
+        self.client.log_inputs(self._state(rec["handle"]).run_id,
+                               datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", rec["context"])])])
 
     def _tags(self, group: list[dict]) -> None:
         from mlflow.entities import RunTag
@@ -750,6 +766,12 @@ class Tracker:
         png = plot_firing_rates(history, staging / "firing_rates.png")
         self._submit({"op": "artifact", "path": str(png), "artifact_path": "charts",
                       "cleanup": str(staging)})
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str = "training") -> None:
+        """Record the run's data set as an MLflow dataset input (the UI's Dataset column)."""
+        if self._closed:
+            return
+        self._submit({"op": "dataset", "name": name, "digest": digest, "source": source, "context": context})
 
     def log_latency_chart(self, metrics: dict[str, float]) -> None:
         """Render `val/top1_t<k>` of `metrics` to `charts/latency.png` in the artifacts."""

@@ -35,6 +35,7 @@ def tracked_run(mlflow_server, tmp_path_factory) -> tuple[str, str, str]:  # noq
     tracker = Tracker.start(TrackingConfig(uri=mlflow_server, experiment="ui-check"), runs_root=root,
                             run_dir=root / RUN_NAME, run_name=RUN_NAME, run_id=None, enabled=True,
                             tags={"model": "spiking_resnet19_tdbn", "T": "4"})
+    tracker.log_dataset("cifar10:cifar10", "0123456789abcdef", str(root / "data" / "cifar10"))
     for epoch in range(3):
         tracker.log_metrics({"val/top1": 0.5 + epoch / 10, LAYER_METRIC: 0.12 - epoch / 100,
                              "firing_rate/layer1.0.lif1": 0.2}, step=epoch)
@@ -75,3 +76,16 @@ def test_run_page_shows_the_run_name_and_per_layer_firing_rates(tracked_run, tmp
     text = visible_text(render(url, tmp_path / "run.png"))
     assert RUN_NAME in text
     assert LAYER_METRIC in text and "firing_rate/layer1.0.lif1" in text
+
+
+def test_runs_are_model_training_experiments_with_their_data_set_on_the_run_page(tracked_run, tmp_path):
+    """The experiment carries MLflow's kind tag for model training; the run page (in that view,
+    as every link we print opens it: MLflow 3.17 takes the view from the URL or the browser's
+    last choice, not from the tag) lists the run's data set as an input."""
+    uri, experiment_id, run_id = tracked_run
+    experiment = MlflowClient(uri).get_experiment(experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    url = f"{uri}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    text = visible_text(render(url, tmp_path / "run-data.png"))
+    assert RUN_NAME in text and "Judges" not in text and "Evaluations" not in text
+    assert "cifar10:cifar10 (0123456789abcdef) training" in text
