@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -80,9 +81,16 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
     assert not different, f"{len(different)} of {len(a)} tensors differ: {different[:5]}"
 
 
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
 def kill_at_a_random_checkpoint(config: str, args: list[str], root: Path, nproc: int, last: int) -> int:
-    """Start the run in its own session and SIGKILL all of it once a checkpoint past a random
-    step exists (a node going down); returns that step."""
+    """Start the run and SIGKILL every process of it (launcher and ranks) once a checkpoint past a
+    random step exists, as a node going down would; returns that step."""
     proc = subprocess.Popen(train_command(*args, nproc=nproc, config=config), cwd=REPO, env=train_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     target = random.Random().randrange(1, last)
@@ -95,8 +103,16 @@ def kill_at_a_random_checkpoint(config: str, args: list[str], root: Path, nproc:
             time.sleep(0.01)
         raise AssertionError(f"no checkpoint at step >= {target} (exit code {proc.poll()})")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        # torchrun starts every rank in a session of its own: kill the whole tree, not a group.
+        launcher = _process(proc.pid)
+        family = [proc.pid, *(child.pid for child in (launcher.children(recursive=True) if launcher else []))]
+        for pid in family:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait(timeout=60)
+        psutil.wait_procs([p for p in map(_process, family) if p is not None], timeout=60)
 
 
 @pytest.fixture(scope="module", params=list(KINDS))
