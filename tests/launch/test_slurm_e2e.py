@@ -44,7 +44,7 @@ def test_usr2_checkpoints_requeues_and_resumes_in_the_same_mlflow_run_without_re
 
     # Signal well inside the second epoch, so the resume starts mid-epoch: the periodic
     # checkpoints show where training is (MLflow's asynchronous metrics lag behind).
-    wait_for(lambda: "epoch 1/2" in log_of(tmp_path, "requeue", job), 180, "the first epoch")
+    wait_for(lambda: "epoch 1/2  train loss" in log_of(tmp_path, "requeue", job), 180, "the first epoch")
     first_epoch = newest_step()
     wait_for(lambda: newest_step() >= first_epoch + 11, 60, "11 steps into the second epoch")
 

@@ -45,7 +45,7 @@ def test_artifacts_are_uploaded_and_the_best_model_loads(served_run, tmp_path):
     client, run = served_run
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "final_metrics.json", "charts", "best_model"} <= names
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "charts")] == ["charts/firing_rates.png"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "charts")] == ["charts/firing_rates.png", "charts/latency.png"]
     local = client.download_artifacts(run.info.run_id, "best_model", str(tmp_path))
     model = mlflow.pytorch.load_model(local).eval()
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
