@@ -22,12 +22,12 @@ COMMON = ["model.name=spiking_resnet_tiny", "train.strategy=single", "train.prec
           "run.deterministic=true", "train.checkpoint_every_steps=1", "train.keep_checkpoints=2",
           "tracking.log_every_steps=1", "train.checkpointing=none"]
 KINDS = {  # config, data fixture, overrides: each with its augmentation on
-    "cifar": ("configs/cifar10_resnet19.yaml", "small_cifar10", ["model.T=2", "data.batch_size=8", "optim.epochs=3"]),
+    "cifar": ("configs/cifar10_resnet19.yaml", "small_cifar10", ["model.T=2", "data.batch_size=8", "optim.epochs=2"]),
     "imagenet": ("configs/imagenet_resnet34.yaml", "small_imagenet",
-                 ["model.T=2", "data.batch_size=2", "optim.epochs=3", "data.resolution=32", "data.val_resolution=32",
+                 ["model.T=2", "data.batch_size=2", "optim.epochs=2", "data.resolution=32", "data.val_resolution=32",
                   "data.min_resolution=0"]),
     "dvs": ("configs/dvs_cifar10dvs.yaml", "small_nmnist",
-            [f"model.T={NMNIST_T}", "data.batch_size=2", "optim.epochs=3", "data.flip=true", "data.translate=2"]),
+            [f"model.T={NMNIST_T}", "data.batch_size=2", "optim.epochs=2", "data.flip=true", "data.translate=2"]),
 }
 STRATEGIES = {
     "ddp": ["train.strategy=ddp"],
@@ -129,6 +129,8 @@ def reference(request, tmp_path_factory):
 @pytest.mark.slow
 def test_a_rerun_with_another_worker_count_is_bit_identical(reference, tmp_path):
     kind, data, state, history = reference
+    if kind != "cifar":  # the thread count never reaches the keyed draws; one pipeline shows it
+        pytest.skip("checked on cifar")
     config, args = run_args(kind, data, tmp_path, "data.num_workers=2")
     done = train(*args, config=config)
     assert done.returncode == 0, done.stderr[-3000:]
