@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from train.checkpoints import Checkpointer
-from train.config import Config
+from train.config import Config, ConfigError
 from train.distributed import DistEnv
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -108,8 +108,12 @@ class TorchStrategy:
         found = ckpt.load_latest(map_location=self.env.device)
         if found is None:
             return None
-        state, _ = found
-        self.module.load_state_dict(state.pop("model"))
+        state, path = found
+        try:
+            self.module.load_state_dict(state.pop("model"))
+        except RuntimeError as e:  # missing/unexpected keys or shapes: another model's weights
+            raise ConfigError(f"{path} holds the weights of another model ({str(e).splitlines()[1].strip()}); "
+                              "resume with the settings it was trained with, or choose a new run.name") from None
         self.optimizer.load_state_dict(state.pop("optimizer"))
         self.scheduler.load_state_dict(state.pop("scheduler"))
         self.scaler.load_state_dict(state.pop("scaler"))

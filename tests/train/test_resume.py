@@ -100,3 +100,12 @@ def test_non_finite_losses_in_a_row_stop_the_run_and_keep_the_checkpoints(digits
 
 
 # Every rank killed under DDP and DeepSpeed ZeRO-1/2/3, on augmented data: tests/train/test_reproducible.py.
+
+
+def test_resuming_with_another_models_checkpoint_is_one_line(digits_dir, tmp_path):
+    first = train(*args(tmp_path, digits_dir), "optim.epochs=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    other = train(*args(tmp_path, digits_dir), "optim.epochs=1", "model.neuron.recurrence=self")
+    assert other.returncode == USER_ERROR_EXIT_CODE, other.stderr[-2000:]
+    (line,) = other.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "holds the weights of another model" in line and "recurrent_weight" in line
