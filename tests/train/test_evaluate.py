@@ -53,17 +53,12 @@ def test_evaluation_writes_every_measurement_into_eval_json_and_the_runs_mlflow_
     assert "eval.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
     assert run.info.status == "FINISHED"
 
-
-@pytest.mark.slow
-def test_the_same_checkpoint_gives_identical_numbers_twice(demo_run):
-    _, run_dir = demo_run
-    runs = []
-    for _ in range(2):
-        done = evaluate(str(run_dir), *SMALL_GRID, "eval.checkpoint=last", "eval.noise_sigmas=[0.3]")
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs.append(json.loads((run_dir / "eval.json").read_text()))
-    assert runs[0]["metrics"] == runs[1]["metrics"]
-    assert runs[0]["weights"].startswith("step-")
+    # The same checkpoint gives identical numbers again (noise and PGD starts are seeded), also
+    # read from the newest step checkpoint instead of best_model.pt (the same weights here).
+    again = evaluate(str(run_dir), *SMALL_GRID, "eval.checkpoint=last")
+    assert again.returncode == 0, again.stderr[-3000:]
+    record = json.loads((run_dir / "eval.json").read_text())
+    assert record["weights"].startswith("step-") and record["metrics"] == m
 
 
 @pytest.mark.parametrize("args, words", [

@@ -1,8 +1,8 @@
-"""Same seed, same bits, with augmentation on: the paper configs' pipelines (CIFAR pad-4 crop and
-flip, ImageNet random-resized crop and flip, DVS flip and shift) trained twice give identical
-weights, optimizer state and logged losses, whatever num_workers; and a run killed at a random
-step and resumed equals one that never stopped, on every data set kind (one process) and under
-every strategy (2 ranks: DDP, DeepSpeed ZeRO-1/2/3) on augmented CIFAR."""
+"""Same seed, same bits, with augmentation on: with the paper configs' pipelines (CIFAR pad-4 crop
+and flip, ImageNet random-resized crop and flip, DVS flip and shift), a run killed at a random
+step and resumed (with another worker count) ends with the weights, optimizer state and logged
+losses of one that never stopped, on every data set kind (one process) and under every strategy
+(2 ranks: DDP, DeepSpeed ZeRO-1/2/3) on augmented CIFAR."""
 import os
 import random
 import signal
@@ -127,23 +127,13 @@ def reference(request, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_rerun_with_another_worker_count_is_bit_identical(reference, tmp_path):
-    kind, data, state, history = reference
-    if kind != "cifar":  # the thread count never reaches the keyed draws; one pipeline shows it
-        pytest.skip("checked on cifar")
-    config, args = run_args(kind, data, tmp_path, "data.num_workers=2")
-    done = train(*args, config=config)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert_identical(final_state(tmp_path), state)
-    assert losses(tmp_path) == history
-
-
-@pytest.mark.slow
-def test_killed_at_a_random_step_and_resumed_is_bit_identical(reference, tmp_path):
+def test_killed_at_a_random_step_and_resumed_with_other_workers_is_bit_identical(reference, tmp_path):
+    """The resumed half also decodes with 2 workers instead of 1: neither the augmentation nor
+    the model's arithmetic may depend on the decode threads."""
     kind, data, state, history = reference
     config, args = run_args(kind, data, tmp_path, "data.num_workers=1")
     killed_after = kill_at_a_random_checkpoint(config, args, tmp_path, 1, int(state["global_step"]))
-    resumed = train(*args, config=config)
+    resumed = train(*args, "data.num_workers=2", config=config)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from step-{killed_after:09d}.pt" in resumed.stdout or "resumed from" in resumed.stdout
     assert_identical(final_state(tmp_path), state)
@@ -153,7 +143,7 @@ def test_killed_at_a_random_step_and_resumed_is_bit_identical(reference, tmp_pat
 @pytest.fixture(scope="module", params=list(STRATEGIES))
 def ranked_reference(request, small_cifar10, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"reference-{request.param}")
-    config, args = run_args("cifar", small_cifar10, root, "data.num_workers=1", "optim.epochs=2",
+    config, args = run_args("cifar", small_cifar10, root, "data.num_workers=1", "optim.epochs=1",
                             *STRATEGIES[request.param])
     done = train(*args, config=config, nproc=2)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -164,7 +154,7 @@ def ranked_reference(request, small_cifar10, tmp_path_factory):
 def test_every_strategy_killed_and_resumed_on_augmented_cifar_is_bit_identical(ranked_reference, small_cifar10,
                                                                                  tmp_path):
     strategy, state, history = ranked_reference
-    config, args = run_args("cifar", small_cifar10, tmp_path, "data.num_workers=1", "optim.epochs=2",
+    config, args = run_args("cifar", small_cifar10, tmp_path, "data.num_workers=1", "optim.epochs=1",
                             *STRATEGIES[strategy])
     kill_at_a_random_checkpoint(config, args, tmp_path, 2, int(state["global_step"]))
     resumed = train(*args, config=config, nproc=2)
