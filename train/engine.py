@@ -245,7 +245,8 @@ class Trainer:
 
     def save(self) -> None:
         # Metrics first: a run killed after this checkpoint resumes past the steps logged so far,
-        # so they must be in the store (or, while it is failing, in the tracker's journal).
+        # so they must be in the store. While the store is failing, flush returns at once and the
+        # unsent records stay in memory until exit (a kill then loses them: noted in #16).
         self.tracker.flush()
         self.strategy.save(self.ckpt, self.global_step, self.client_state())
         distributed.barrier()
