@@ -16,7 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import NMNIST_T
-from tests.train.trainrun import REPO, train, train_command, train_env
+from tests.train.trainrun import REPO, start, train, train_command, train_env
 
 COMMON = ["model.name=spiking_resnet_tiny", "train.strategy=single", "train.precision=fp32", "run.name=repro",
           "run.deterministic=true", "train.checkpoint_every_steps=1", "train.keep_checkpoints=2",
@@ -91,8 +91,9 @@ def _process(pid: int) -> psutil.Process | None:
 def kill_at_a_random_checkpoint(config: str, args: list[str], root: Path, nproc: int, last: int) -> int:
     """Start the run and SIGKILL every process of it (launcher and ranks) once a checkpoint past a
     random step exists, as a node going down would; returns that step."""
-    proc = subprocess.Popen(train_command(*args, nproc=nproc, config=config), cwd=REPO, env=train_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = (start(*args, config=config) if nproc == 1 else
+            subprocess.Popen(train_command(*args, nproc=nproc, config=config), cwd=REPO, env=train_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
     target = random.Random().randrange(1, last)
     try:
         deadline = time.monotonic() + 300

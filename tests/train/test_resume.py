@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from train import REQUEUE_EXIT_CODE, USER_ERROR_EXIT_CODE
-from tests.train.trainrun import DEMO, REPO, train, train_command, train_env
+from tests.train.trainrun import DEMO, REPO, start, train, train_command, train_env
 
 EPOCHS = 2
 
@@ -26,7 +26,7 @@ def final_weights(root: Path) -> tuple[int, dict[str, torch.Tensor]]:
     return state["global_step"], state["model"]
 
 
-def wait_for_checkpoint(root: Path, proc: subprocess.Popen, min_step: int) -> int:
+def wait_for_checkpoint(root: Path, proc, min_step: int) -> int:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         steps = [int(p.stem.split("-")[1]) for p in (root / "demo-digits" / "checkpoints").glob("step-*.pt")]
@@ -53,8 +53,7 @@ def assert_same_weights(a, b):
 
 
 def test_sigusr2_saves_exits_for_requeue_and_resumes_exactly(reference, digits_dir, tmp_path):
-    proc = subprocess.Popen(train_command(*args(tmp_path, digits_dir)), cwd=REPO, env=train_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start(*args(tmp_path, digits_dir))
     wait_for_checkpoint(tmp_path, proc, min_step=10)
     proc.send_signal(signal.SIGUSR2)
     out, err = proc.communicate(timeout=300)
@@ -68,8 +67,7 @@ def test_sigusr2_saves_exits_for_requeue_and_resumes_exactly(reference, digits_d
 
 
 def test_sigkill_at_a_random_step_then_resume_gives_identical_weights(reference, digits_dir, tmp_path):
-    proc = subprocess.Popen(train_command(*args(tmp_path, digits_dir)), cwd=REPO, env=train_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start(*args(tmp_path, digits_dir))
     wait_for_checkpoint(tmp_path, proc, min_step=random.Random().randrange(5, 60))
     proc.kill()
     proc.wait(timeout=60)
@@ -86,6 +84,7 @@ def test_resume_with_an_unnamed_config_change_is_refused(reference, digits_dir, 
     changed.write_text(Path(DEMO).read_text().replace("lr: 0.1", "lr: 0.2"))
     cmd = train_command(*args(root, digits_dir), "optim.epochs=1")
     cmd[cmd.index(DEMO)] = str(changed)
+    # `python -m train` itself, not the forked runner: that path stays tested end to end.
     refused = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
     assert refused.returncode == USER_ERROR_EXIT_CODE
     assert "optim.lr" in refused.stderr and "different config" in refused.stderr

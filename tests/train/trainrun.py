@@ -1,16 +1,32 @@
-"""Run the real trainer in subprocesses (one process, or torchrun ranks) for end-to-end tests."""
+"""Run the real trainer for end-to-end tests: forked from a warm process, or under torchrun.
+
+`python -m train` spends ~7 s importing torch, timm, FFCV and MLflow before its first step, and
+the suite starts it about sixty times. Single-process runs are therefore forked from one
+multiprocessing fork server that imported the trainer once (`train.engine`, `train.evaluate`);
+each child is a fresh process that runs `train/__main__.py` exactly as `python -m train` does,
+with its own argv, environment, working directory, stdout and stderr, and its own PID (so tests
+signal and SIGKILL it as before). The fork server runs no torch op before forking, so no OpenMP
+or loader threads are copied into the children. Ranked runs (nproc > 1) use torchrun as users do,
+and a few tests still start `python -m train` itself (`train_command`) to keep that path tested.
+"""
 from __future__ import annotations
 
+import multiprocessing
 import os
+import runpy
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "configs/demo_digits.yaml")
+_PRELOAD = ["train.engine", "train.evaluate", "tests.train.trainrun"]
 
 
 def free_port() -> int:
@@ -32,11 +48,105 @@ def train_env() -> dict[str, str]:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def _run_python_m_train(argv: list[str], env: dict[str, str], out: str, err: str) -> None:
+    """The child: become `python -m train <argv>` in `env`, output into the files `out`/`err`."""
+    os.chdir(REPO)
+    os.environ.clear()
+    os.environ.update(env)
+    for path, fd in ((out, 1), (err, 2)):
+        with open(path, "w") as f:
+            os.dup2(f.fileno(), fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    if "OMP_NUM_THREADS" in env:  # read by torch at import, i.e. in the fork server: apply it here
+        import torch
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    sys.argv = ["python -m train", *argv]
+    try:
+        runpy.run_module("train", run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    import atexit
+    atexit._run_exitfuncs()  # what interpreter exit would run: the tracker's close, logging
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class Started:
+    """A forked `python -m train`, with the part of `subprocess.Popen`'s interface tests use."""
+
+    _context = None
+
+    def __init__(self, argv: list[str], env: dict[str, str]):
+        if Started._context is None:
+            Started._context = multiprocessing.get_context("forkserver")
+            Started._context.set_forkserver_preload(_PRELOAD)
+        self._dir = tempfile.TemporaryDirectory(prefix="trainrun-")
+        self._out, self._err = (os.path.join(self._dir.name, n) for n in ("stdout", "stderr"))
+        self._process = Started._context.Process(target=_run_python_m_train,
+                                                 args=(argv, env, self._out, self._err), daemon=False)
+        self._process.start()
+        self.pid = self._process.pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not self._process.is_alive():
+            self._process.join()
+            self.returncode = self._process.exitcode
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired("python -m train", timeout)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        try:
+            self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.wait()
+            raise
+        return self.output()
+
+    def output(self) -> tuple[str, str]:
+        """stdout and stderr so far (empty if the child died before opening them)."""
+        return tuple(Path(p).read_text() if os.path.exists(p) else "" for p in (self._out, self._err))
+
+
+def start(*overrides: str, env: dict[str, str] | None = None, config: str = DEMO) -> Started:
+    """`python -m train --config <config> <overrides>` forked from the warm server, running."""
+    return Started(["--config", config, *overrides], {**train_env(), **(env or {})})
+
+
 def train(*overrides: str, nproc: int = 1, timeout: int = 600, env: dict[str, str] | None = None,
           config: str = DEMO) -> subprocess.CompletedProcess:
-    """``python -m train --config <config> <overrides>`` (under torchrun for nproc > 1), finished."""
-    return subprocess.run(train_command(*overrides, nproc=nproc, config=config), cwd=REPO,
-                          env={**train_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    """`python -m train --config <config> <overrides>` (under torchrun for nproc > 1), finished."""
+    if nproc > 1:
+        return subprocess.run(train_command(*overrides, nproc=nproc, config=config), cwd=REPO,
+                              env={**train_env(), **(env or {})}, capture_output=True, text=True,
+                              timeout=timeout)
+    run = start(*overrides, env=env, config=config)
+    out, err = run.communicate(timeout)
+    return subprocess.CompletedProcess(["python", "-m", "train", "--config", config, *overrides],
+                                       run.returncode, out, err)
 
 
 def metric_history(root: Path, key: str, experiment: str = "demo") -> list[tuple[int, float]]:
