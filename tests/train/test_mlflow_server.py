@@ -48,7 +48,7 @@ def test_metrics_logged_while_the_server_is_down_arrive_after_it_restarts(server
     tracker = start(server, tmp_path / "outage")
     run_id = tracker.run_id
     assert run_id is not None
-    tracker.log_params({"model": {"T": 4}})
+    tracker.log_params({"model.T": 4})
     log_epochs(tracker, range(0, 5))
     tracker.flush()
     assert epochs_stored(server, run_id) == list(range(5))

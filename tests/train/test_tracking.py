@@ -4,6 +4,8 @@ from __future__ import annotations
 import enum
 import json
 import socket
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -17,7 +19,7 @@ from PIL import Image
 
 from tests.train.mlflow_fixtures import free_port
 from train.tracking import (FALLBACK_NAME, Tracker, TrackingConfig, environment_params,
-                            environment_tags, flatten_config, main, replay)
+                            environment_tags, main, replay)
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +37,10 @@ def db_uri(root: Path) -> str:
     return f"sqlite:///{root}/mlflow.db"
 
 
-def start(root: Path, name: str, run_id: str | None = None, **cfg) -> Tracker:
+def start(root: Path, name: str, run_id: str | None = None, run_dir: Path | None = None, **cfg) -> Tracker:
     cfg.setdefault("flush_interval_s", 0.2)
-    return Tracker.start(TrackingConfig(**cfg), runs_root=root, run_dir=root / name, run_name=name,
-                         run_id=run_id, enabled=True, tags={"model": "spiking_resnet19_tdbn"})
+    return Tracker.start(TrackingConfig(**cfg), runs_root=root, run_dir=run_dir or root / name,
+                         run_name=name, run_id=run_id, enabled=True, tags={"model": "spiking_resnet19_tdbn"})
 
 
 def steps_and_values(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -61,14 +63,18 @@ class Reset(str, enum.Enum):
     SOFT = "soft"
 
 
-def test_params_are_flattened_to_dotted_keys_and_stringified(runs_root):
+def test_params_keep_their_dotted_keys_and_are_logged_as_text(runs_root):
     tracker = start(runs_root, "params")
-    tracker.log_params({"model": {"T": 4, "neuron": {"tau_decay": 0.25, "reset": Reset.SOFT}},
-                        "optim": {"milestones": [30, 60], "warmup": None}})
+    tracker.log_params({"model.T": 4, "model.neuron.tau_decay": 0.25, "model.neuron.reset": Reset.SOFT,
+                        "optim.milestones": [30, 60], "data.crop": (32, 32), "optim.warmup": None,
+                        "optim.nesterov": True})
+    with pytest.raises(TypeError, match="param model is a mapping"):
+        tracker.log_params({"model": {"T": 4}})  # the caller flattens: nested dicts are our bug
     tracker.close()
     params = MlflowClient(db_uri(runs_root)).get_run(tracker.run_id).data.params
     assert params == {"model.T": "4", "model.neuron.tau_decay": "0.25", "model.neuron.reset": "soft",
-                      "optim.milestones": "[30, 60]", "optim.warmup": "None"}
+                      "optim.milestones": "[30, 60]", "data.crop": "[32, 32]", "optim.warmup": "None",
+                      "optim.nesterov": "True"}
 
 
 def test_metric_histories_keep_every_step_including_per_layer_firing_rates(runs_root):
@@ -120,11 +126,11 @@ class TinySpikingNet(torch.nn.Module):
         return (self.fc(x) > self.v_threshold).float().mean(0)
 
 
-def test_logged_model_loads_back_unwrapped_and_computes_the_same(runs_root, tmp_path):
+def test_logged_model_loads_back_and_computes_the_same(runs_root, tmp_path):
     torch.manual_seed(0)
     model = TinySpikingNet()
     tracker = start(runs_root, "model")
-    tracker.log_model(torch.nn.DataParallel(model), name="best_model")
+    tracker.log_model(model, name="best_model")
     tracker.close()
     local = download_artifacts(run_id=tracker.run_id, artifact_path="best_model",
                                tracking_uri=db_uri(runs_root), dst_path=str(tmp_path))
@@ -136,7 +142,7 @@ def test_logged_model_loads_back_unwrapped_and_computes_the_same(runs_root, tmp_
 
 def test_resume_continues_the_same_run_without_duplicate_or_regressed_steps(runs_root):
     first = start(runs_root, "resume")
-    first.log_params({"optim": {"lr": 0.1}})
+    first.log_params({"optim.lr": 0.1})
     for step in range(10):
         first.log_metrics({"train/loss": 1.0}, step)
     run_id = first.run_id
@@ -145,8 +151,8 @@ def test_resume_continues_the_same_run_without_duplicate_or_regressed_steps(runs
     assert second.run_id == run_id
     # the same resolved config again is accepted; a changed value keeps the first (MLflow
     # params are write-once) without blocking what is queued behind it
-    second.log_params({"optim": {"lr": 0.1, "epochs": 3}})
-    second.log_params({"optim": {"lr": 0.5}})
+    second.log_params({"optim.lr": 0.1, "optim.epochs": 3})
+    second.log_params({"optim.lr": 0.5})
     for step in range(5, 15):
         second.log_metrics({"train/loss": 2.0}, step)
     second.close()
@@ -167,9 +173,12 @@ def test_system_metrics_follow_the_training_step_when_enabled(runs_root):
     time.sleep(0.5)
     tracker.close()
     metrics = MlflowClient(db_uri(runs_root)).get_run(tracker.run_id).data._metric_objs
-    system = {m.key: m.step for m in metrics if m.key.startswith("system/")}
-    assert system["system/cpu_utilization_percentage"] == 7
-    assert system["system/process_rss_megabytes"] == 7
+    system = {m.key: (m.step, m.value) for m in metrics if m.key.startswith("system/")}
+    # MLflow's own CPU monitor's keys (its UI's system metrics tab), plus our process RSS
+    for key in ("cpu_utilization_percentage", "system_memory_usage_megabytes",
+                "system_memory_usage_percentage", "process_rss_megabytes"):
+        assert system[f"system/{key}"][0] == 7, key
+    assert system["system/process_rss_megabytes"][1] > 10  # this process holds torch: > 10 MB
 
 
 def test_disabled_tracker_logs_nothing(tmp_path):
@@ -177,6 +186,7 @@ def test_disabled_tracker_logs_nothing(tmp_path):
                             run_name="r", run_id=None, enabled=False, tags={})
     tracker.log_params({"a": 1})
     tracker.log_metrics({"loss": 1.0}, step=0)
+    tracker.log_artifact(tmp_path / "missing")  # not even checked: rank != 0 does nothing
     tracker.log_firing_chart({0: {"l": 0.1}})
     tracker.log_model(torch.nn.Linear(2, 2))
     tracker.flush()
@@ -193,9 +203,14 @@ def test_invalid_metric_names_are_refused_at_the_call(runs_root, key):
     tracker.close()
 
 
-def test_flatten_config_gives_dotted_string_params():
-    assert flatten_config({"a": {"b": {"c": 1}}, "d": (1, 2), "e": True}) == \
-        {"a.b.c": "1", "d": "[1, 2]", "e": "True"}
+def test_config_module_imports_neither_torch_nor_mlflow():
+    """The config schema imports TrackingConfig; loading a config must not pay for torch/MLflow."""
+    heavy = ("torch", "mlflow", "timm", "ffcv", "triton", "deepspeed")
+    code = (f"import sys, train.tracking, train.tracking.config; "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]"
 
 
 def test_environment_describes_slurm_job_and_packages(monkeypatch):
@@ -225,7 +240,7 @@ def test_unreachable_server_costs_training_nothing_and_replay_delivers_everythin
                             enabled=True, tags={})
     assert time.monotonic() - t0 < 5
     assert tracker.run_id is None
-    tracker.log_params({"model": {"T": 4}})
+    tracker.log_params({"model.T": 4})
     slowest = max(timed(tracker.log_metrics, {"train/loss": 1.0 / (s + 1)}, s) for s in range(200))
     assert slowest < 0.1
     assert timed(tracker.flush) < 2
@@ -247,6 +262,28 @@ def test_unreachable_server_costs_training_nothing_and_replay_delivers_everythin
     assert run.info.status == "FINISHED"
     assert [a.path for a in client.list_artifacts(run.info.run_id, "charts")] == ["charts/firing_rates.png"]
     assert replay(tmp_path / "offline") == 0  # nothing left: a second replay is a no-op
+
+
+def test_records_for_another_store_wait_for_replay_with_their_artifacts(runs_root, tmp_path):
+    run_dir = tmp_path / "moved"
+    dead = f"http://127.0.0.1:{free_port()}"
+    first = Tracker.start(TrackingConfig(uri=dead, flush_interval_s=0.2), runs_root=tmp_path,
+                          run_dir=run_dir, run_name="moved", run_id=None, enabled=True, tags={})
+    first.log_metrics({"train/loss": 1.0}, step=0)
+    first.log_firing_chart({0: {"layer1.0.lif1": 0.1}})
+    with pytest.warns(UserWarning, match="did not take"):
+        first.close("KILLED")
+
+    # the next session logs to another store: the old records stay for a replay, copies included
+    with pytest.warns(UserWarning, match="holds records for"):
+        second = start(runs_root, "moved", run_dir=run_dir)
+    second.close()
+    assert replay(run_dir, db_uri(runs_root)) == 4  # start, metrics, artifact, end
+    client = MlflowClient(db_uri(runs_root))
+    [run] = [r for r in client.search_runs([client.get_experiment_by_name("spikescale").experiment_id],
+                                           "attributes.run_name = 'moved'") if r.info.run_id != second.run_id]
+    assert run.info.status == "KILLED"
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "charts")] == ["charts/firing_rates.png"]
 
 
 @pytest.fixture
