@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import models  # noqa: F401  (registers the spiking ResNets with timm)
+import models.zoo  # noqa: F401  (registers the spiking ResNets with timm)
 from benchmarks.common import machine, machine_name, spikingjelly_lif_kwargs
 from models.checkpointing import CHECKPOINTING_MODES
 from models.neurons import LIF, NeuronConfig, neuron_impl_for

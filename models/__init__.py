@@ -1,34 +1,57 @@
 """Spiking neuron dynamics, surrogate gradients, tdBN, spiking ResNets and MLPs, and firing
 accounting.
 
-Importing this package registers the spiking models with timm (``models.resnet``,
-``models.sew_resnet``, ``models.ms_resnet``, ``models.mlp``).
+Importing this package, or one of its light modules (``models.neuron_config``, ``models.names``),
+loads neither torch nor timm nor Triton: the names below load their module on first use
+(PEP 562). ``import models.zoo`` registers every network with timm (``timm.create_model``) and the
+fused neuron kernels with the neuron dispatch.
 """
 
-from models import mlp, ms_resnet, resnet, sew_resnet  # noqa: F401  (register the timm entry points)
-from models.firing import firing_counts, firing_report, reset_firing_counts, set_firing_recording
-from models.mlp import SpikingMLP
-from models.neurons import (
-    LIF,
-    NeuronConfig,
-    NeuronConfigError,
-    Recurrence,
-    Reset,
-    Surrogate,
-    lif_multistep,
-    register_neuron_impl,
-)
-from models.tdbn import TdBN, fold_tdbn_into_conv
-from models.deploy import NIRExportError, fold_model, load_folded, simulate_nir, to_nir
-from models import kernels  # noqa: F401  (registers the fused Triton LIF neuron when Triton is installed)
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
+
+#: Each exported name -> the module that defines it.
+_EXPORTS = {
+    **dict.fromkeys(("NeuronConfig", "NeuronConfigError", "Reset", "Recurrence", "Surrogate"), "models.neuron_config"),
+    **dict.fromkeys(("LIF", "lif_multistep", "register_neuron_impl"), "models.neurons"),
+    **dict.fromkeys(("TdBN", "fold_tdbn_into_conv"), "models.tdbn"),
+    "SpikingMLP": "models.mlp",
+    **dict.fromkeys(("fold_model", "load_folded", "to_nir", "simulate_nir", "NIRExportError"), "models.deploy"),
+    **dict.fromkeys(("set_firing_recording", "reset_firing_counts", "firing_counts", "firing_report"),
+                    "models.firing"),
+}
 
 
 def model_names() -> list[str]:
-    """The networks this package registers with timm (every family), sorted."""
+    """The networks this package registers with timm (every family), sorted, read from timm's
+    registry; ``models.names.MODEL_NAMES`` lists the same without importing anything."""
     import timm
+
+    import models.zoo  # noqa: F401  (registers them)
 
     return sorted(name for name in timm.list_models()
                   if timm.models.model_entrypoint(name).__module__.startswith(f"{__name__}."))
+
+
+def __getattr__(name: str) -> Any:
+    """An exported name, or a submodule (``models.resnet``), imported on first use."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The loaded names and the exported ones (``__all__``)."""
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "NeuronConfig",

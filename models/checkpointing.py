@@ -19,28 +19,28 @@ lossless for 0/1 values). What still grows with T is the peak while one block is
 backward: tdBN normalises over T x B x H x W, so its statistics and the convolutions it follows
 see all T steps at once, and the block holds them for all T (chunking the block over time would
 change tdBN's statistics, or cost one more recomputation pass per tdBN to stay exact).
+
+A network holds its mode in ``model.checkpointing`` (``set_checkpointing_mode``) and runs each
+of its parts through ``checkpointed``, which applies the mode to that part.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import saved_tensors_hooks
+from torch.utils.checkpoint import checkpoint
 
+from models.names import CHECKPOINTING_MODES, OUTPUTS
 from models.neurons import LIF
 
 __all__ = ["CHECKPOINTING_MODES", "OUTPUTS", "PackedSpikes", "pack_spikes", "unpack_spikes", "spikes_saved_packed",
-           "set_checkpointing_mode", "compile_parts", "checkpoint_contexts"]
-
-CHECKPOINTING_MODES = ("none", "blocks", "blocks+time")
-#: What a network's forward returns: logits averaged over T, or per step [T, B, classes].
-OUTPUTS = ("mean", "per_step")
-
+           "set_checkpointing_mode", "compile_parts", "checkpoint_contexts", "checkpointed"]
 
 
 @lru_cache(maxsize=None)
@@ -97,9 +97,9 @@ def spikes_saved_packed(spikes: Tensor) -> Iterator[None]:
 
 
 def set_checkpointing_mode(model: nn.Module, mode: str, time_chunk: int) -> None:
-    """Check and apply a checkpointing mode to a network whose checkpointed parts (residual
-    blocks, hidden layers) read ``model.checkpointing`` / ``model.grad_checkpointing``; every LIF
-    of ``model`` runs its time loop in chunks of ``time_chunk`` under ``blocks+time``."""
+    """Check and apply a checkpointing mode: ``model.checkpointing``, which ``checkpointed``
+    reads, becomes ``mode``, and every LIF of ``model`` runs its time loop in chunks of
+    ``time_chunk`` steps under ``blocks+time``."""
     if mode not in CHECKPOINTING_MODES:
         raise ValueError(f"checkpointing must be one of {', '.join(CHECKPOINTING_MODES)}; got {mode!r}")
     if time_chunk < 1:
@@ -109,7 +109,6 @@ def set_checkpointing_mode(model: nn.Module, mode: str, time_chunk: int) -> None
                          "graph a recomputed part would update its BatchNorm statistics and firing "
                          "counts twice; set the checkpointing mode first, then call compile()")
     model.checkpointing = mode
-    model.grad_checkpointing = mode != "none"
     for m in model.modules():
         if isinstance(m, LIF):
             m.set_time_chunk(time_chunk if mode == "blocks+time" else None)
@@ -158,3 +157,21 @@ def _no_side_effects(block: nn.Module) -> Iterator[None]:
 def checkpoint_contexts(block: nn.Module):
     """``context_fn`` of ``torch.utils.checkpoint``: the recomputation leaves no side effects."""
     return nullcontext(), _no_side_effects(block)
+
+
+def checkpointed(model: nn.Module, part: nn.Module, x: Tensor, *args: Any, spikes: bool = False) -> Tensor:
+    """``part(x, *args)`` for a part of ``model``, recomputed in backward as ``model.checkpointing``
+    says; only in training with gradients on.
+
+    A residual block or a hidden layer is recomputed under ``blocks`` and ``blocks+time``. A LIF
+    outside any block (a stem's, a last one) only under ``blocks+time``: run in time chunks on its
+    own it would keep one membrane state per chunk for backward; recomputed, it keeps only its
+    input (for direct encoding, the stem output broadcast over T). With ``spikes`` the caller
+    vouches that ``x`` holds only 0 and 1 (a LIF's output), and under ``blocks+time`` it is kept
+    at 1 bit each. BatchNorm statistics and firing counts are not updated by a recomputation."""
+    mode = model.checkpointing
+    if (mode == "none" or not (model.training and torch.is_grad_enabled())
+            or (isinstance(part, LIF) and mode != "blocks+time")):
+        return part(x, *args)
+    with spikes_saved_packed(x) if spikes and mode == "blocks+time" else nullcontext():
+        return checkpoint(part, x, *args, use_reentrant=False, context_fn=partial(checkpoint_contexts, part))

@@ -40,12 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import models.zoo  # noqa: F401  (registers the networks load_folded rebuilds with timm)
 from models.mlp import SpikingMLP, TdBN1d
 from models.neurons import LIF, Recurrence, Reset
 from models.resnet import BasicBlock, Bottleneck, SpikingResNet
 from models.tdbn import TdBN, fold_tdbn_into_conv
 
-if TYPE_CHECKING:  # nir is imported where it is used, so `import models` does not load h5py
+if TYPE_CHECKING:  # nir is imported where it is used, so `import models.deploy` does not load h5py
     import nir
 
 __all__ = [

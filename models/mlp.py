@@ -17,19 +17,14 @@ Output: logits ``[B, num_classes]`` averaged over time (``forward``), or per ste
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
-from functools import partial
 from typing import Any
 
-import torch
 from timm.models import register_model
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from models.checkpointing import (OUTPUTS, checkpoint_contexts, compile_parts, set_checkpointing_mode,
-                                  spikes_saved_packed)
-from models.neurons import LIF, LIFState, NeuronConfig, as_neuron_config
-from models.resnet import create_checked
+from models.checkpointing import checkpointed
+from models.classifier import SpikingClassifier, create_checked
+from models.neurons import LIF, LIFState, NeuronConfig
 from models.tdbn import TdBN
 
 __all__ = ["NORMS", "TdBN1d", "LinearBlock", "SpikingMLP", "SpikingMLPArgumentError"]
@@ -93,7 +88,7 @@ class LinearBlock(nn.Module):
         return self.lif(current, state=state, return_state=return_state)
 
 
-class SpikingMLP(nn.Module):
+class SpikingMLP(SpikingClassifier):
     """Spiking MLP: ``LinearBlock`` per hidden width, then a linear classifier on the spikes of
     the last one, per step; built by the factory at the bottom of this module.
 
@@ -117,51 +112,25 @@ class SpikingMLP(nn.Module):
         in_chans: int = 8,
         neuron: NeuronConfig | Mapping[str, Any] | None = None,
     ):
-        super().__init__()
         hidden = tuple(int(h) for h in hidden)
         if not hidden or min(hidden) < 1:
             raise ValueError(f"hidden must list at least one width >= 1, got {hidden}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {norm!r}")
-        if T < 1:
-            raise ValueError(f"T must be >= 1, got {T}")
-        cfg = as_neuron_config(neuron)
-        self.T = T
-        self.num_classes = num_classes
+        super().__init__(T, num_classes, neuron)
         self.in_chans = in_chans
         self.num_features = hidden[-1]
-        self.neuron = cfg
-        self.checkpointing = "none"
-        self.output = "mean"  # forward's logits: averaged over T, or per step (set_output)
-        self.grad_checkpointing = False
-        self._recorded_steps: int | None = None  # first-layer calls per sample, last recorded input
 
         widths = (in_chans, *hidden)
         self.layers = nn.Sequential(
-            *(LinearBlock(i, o, norm, cfg) for i, o in zip(widths[:-1], widths[1:]))
+            *(LinearBlock(i, o, norm, self.neuron) for i, o in zip(widths[:-1], widths[1:]))
         )
         self.fc = nn.Linear(hidden[-1], num_classes)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """timm convention: ``set_checkpointing("blocks" if enable else "none")``."""
-        self.set_checkpointing("blocks" if enable else "none")
-
-    def set_checkpointing(self, mode: str, time_chunk: int = 2) -> None:
-        """Activation checkpointing (``models.checkpointing``): ``none``; ``blocks``, each
-        hidden layer keeps only its input and is recomputed in backward; ``blocks+time``, as
-        ``blocks`` with the spike inputs of layers 2.. kept at 1 bit each and every LIF run in
-        checkpointed chunks of ``time_chunk`` steps. Gradients are the same in every mode."""
-        set_checkpointing_mode(self, mode, time_chunk)
-
-    def compile(self, *args: Any, **kwargs: Any) -> None:
-        """torch.compile (Inductor) in place, as ``SpikingResNet.compile``: the whole model
-        without activation checkpointing, else each hidden layer on its own with the checkpoint
-        outside the compiled code (so a recomputation's side effects are taken back).
-        ``args``/``kwargs`` go to ``torch.compile``."""
-        if self.checkpointing == "none":
-            super().compile(*args, **kwargs)
-            return
-        compile_parts(list(self.layers), *args, **kwargs)
+    def checkpointed_parts(self) -> list[nn.Module]:
+        """The hidden layers: recomputed in backward under activation checkpointing (under
+        ``blocks+time`` the spike inputs of layers 2.. are kept at 1 bit each)."""
+        return list(self.layers)
 
     def _as_features(self, x: Tensor) -> Tensor:
         """``[B, F]``/``[B, C, H, W]`` -> ``[B, F]``; ``[T', B, F]``/``[T', B, C, H, W]`` ->
@@ -187,19 +156,11 @@ class SpikingMLP(nn.Module):
         ``[T, B, num_features]``."""
         x = self._as_features(x)
         steps = self.T if x.dim() == 2 else None
-        if self.layers[0].lif.record_firing:
-            self._recorded_steps = 1 if steps is not None else x.shape[0]
-        use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        packed = self.checkpointing == "blocks+time"
+        self._record_first_layer(self.layers[0].lif, 1 if steps is not None else x.shape[0], (x.shape[-1],))
         s = x
         for i, block in enumerate(self.layers):
-            if use_checkpoint:
-                # Layers after the first read spikes: kept at 1 bit each if asked.
-                with spikes_saved_packed(s) if packed and i > 0 else nullcontext():
-                    s = checkpoint(block, s, steps, use_reentrant=False,
-                                   context_fn=partial(checkpoint_contexts, block))
-            else:
-                s = block(s, steps)
+            # Layers after the first read spikes.
+            s = checkpointed(self, block, s, steps, spikes=i > 0)
             steps = None
         return s
 
@@ -209,51 +170,26 @@ class SpikingMLP(nn.Module):
         logits = self.fc(s)
         return logits if per_step else logits.mean(0)
 
-    def forward_steps(self, x: Tensor) -> Tensor:
-        """Input as in ``forward`` -> logits at every step ``[T, B, num_classes]``; ``forward``
-        is their mean over T. Neuron state runs through the whole input, so a sequence made of
-        two samples concatenated in time carries the state across the boundary (a stream)."""
-        return self.forward_head(self.forward_features(x), per_step=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Input as in ``forward_steps`` -> logits ``[B, num_classes]`` averaged over time, or
-        per step ``[T, B, num_classes]`` when ``output`` is ``"per_step"`` (TET training)."""
-        return self.forward_head(self.forward_features(x), per_step=self.output == "per_step")
-
-    def set_output(self, output: str) -> None:
-        """What ``forward`` returns: ``"mean"`` logits over time or ``"per_step"`` logits."""
-        if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
-        self.output = output
-
     def spike_consumers(self) -> dict[str, list[str]]:
         """Neuron layer name -> names of the linear layers its spikes feed."""
         consumers = {f"layers.{i}.lif": [f"layers.{i + 1}.fc"] for i in range(len(self.layers) - 1)}
         consumers[f"layers.{len(self.layers) - 1}.lif"] = ["fc"]
         return consumers
 
-    def first_layer_macs_per_image(self) -> float:
-        """Dense MACs of the first linear layer per sample, for the last recorded input: once for
-        a static input (computed once, broadcast over T), T' times for a sequence."""
-        if self._recorded_steps is None:
-            raise ValueError("no forward pass was recorded; call set_firing_recording(model, True) first")
+    def _first_layer_macs(self, shape: tuple[int, ...]) -> int:
+        """Dense MACs of the first linear layer on one sample (``shape`` is ``(in_chans,)``)."""
         first = self.layers[0].fc
-        return float(self._recorded_steps * first.in_features * first.out_features)
+        return first.in_features * first.out_features
 
 
-def _create(name: str, pretrained: bool, extra: dict[str, Any], **arch: Any) -> SpikingMLP:
-    return create_checked(SpikingMLP, name, pretrained, extra, "T, num_classes, in_chans, neuron, hidden, norm", error=SpikingMLPArgumentError, **arch)
+def _create(name: str, pretrained: bool, model_args: dict[str, Any], **kwargs: Any) -> SpikingMLP:
+    return create_checked(SpikingMLP, name, pretrained, model_args, kwargs,
+                          ("T", "num_classes", "in_chans", "neuron", "hidden", "norm"), SpikingMLPArgumentError)
 
 
 @register_model
-def spiking_mlp(
-    pretrained: bool = False, *, T: int = 8, num_classes: int = 10, in_chans: int = 8,
-    neuron: NeuronConfig | Mapping[str, Any] | None = None, hidden: Sequence[int] = (128, 128),
-    norm: str = "tdbn", **kwargs: Any,
-) -> SpikingMLP:
+def spiking_mlp(pretrained: bool = False, **kwargs: Any) -> SpikingMLP:
     """Spiking MLP, by default in_chans-128-128-classes with tdBN (sized for sequential digits:
     8 rows of 8 pixels; 19,210 parameters with 10 classes and no recurrence)."""
-    return _create(
-        "spiking_mlp", pretrained, kwargs, hidden=hidden, norm=norm,
-        T=T, num_classes=num_classes, in_chans=in_chans, neuron=neuron,
-    )
+    model_args = dict(hidden=(128, 128), norm="tdbn", T=8, num_classes=10, in_chans=8)
+    return _create("spiking_mlp", pretrained, model_args, **kwargs)

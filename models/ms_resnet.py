@@ -32,19 +32,16 @@ encodings, checkpointing modes and ``compile``. Choices:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from functools import partial
 from typing import Any
 
-import torch
 from timm.models import register_model
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from models.checkpointing import checkpoint_contexts
+from models.checkpointing import checkpointed
+from models.classifier import create_checked, spike_consumer_names
 from models.neurons import LIF, NeuronConfig
-from models.resnet import (RESIDUAL_ALPHA, Downsample, SpikingResNet, _conv, _time_fold, _time_unfold,
-                           create_checked)
-from models.sew_resnet import stem_current
+from models.resnet import (RESIDUAL_ALPHA, Downsample, SpikingResNet, SpikingResNetArgumentError, _conv,
+                           _time_fold, _time_unfold)
 from models.tdbn import TdBN
 
 __all__ = ["MSBasicBlock", "MSResNet"]
@@ -114,58 +111,35 @@ class MSResNet(SpikingResNet):
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``[B, C, H, W]`` or sequences ``[T', B, C, H, W]`` -> spikes of ``lif_out``
         ``[T, B, num_features, H_out, W_out]``."""
-        y, stem_calls = stem_current(self, x)
-        if self.lif_out.record_firing:
-            self._recorded_input = (stem_calls, tuple(x.shape[-3:]))
-        use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        y = self.stem_current(x, recorded_by=self.lif_out)
         for block in self.blocks():
-            # The block input is a current: kept as it is, never bit-packed.
-            y = (checkpoint(block, y, use_reentrant=False, context_fn=partial(checkpoint_contexts, block))
-                 if use_checkpoint else block(y))
-        if use_checkpoint and self.checkpointing == "blocks+time":
-            # Recomputed, the final LIF keeps only its input, not one membrane state per chunk.
-            return checkpoint(self.lif_out, y, use_reentrant=False,
-                              context_fn=partial(checkpoint_contexts, self.lif_out))
-        return self.lif_out(y)
+            y = checkpointed(self, block, y)  # the block input is a current: never bit-packed
+        return checkpointed(self, self.lif_out, y)
 
     def spike_consumers(self) -> dict[str, list[str]]:
         """Neuron layer name -> names of the conv/linear layers its spikes feed."""
         edges = [edge for block in self.blocks() for edge in block.spike_edges()]
         edges.append((self.lif_out, self.fc))
-        names = {module: name for name, module in self.named_modules()}
-        consumers: dict[str, list[str]] = {}
-        for lif, consumer in edges:
-            consumers.setdefault(names[lif], []).append(names[consumer])
-        return consumers
+        return spike_consumer_names(self, edges)
 
 
-def _create(name: str, pretrained: bool, extra: dict[str, Any], **arch: Any) -> MSResNet:
-    return create_checked(MSResNet, name, pretrained, extra, "T, num_classes, in_chans, neuron", **arch)
-
-
-NeuronArg = NeuronConfig | Mapping[str, Any] | None
+def _create(name: str, pretrained: bool, model_args: dict[str, Any], **kwargs: Any) -> MSResNet:
+    return create_checked(MSResNet, name, pretrained, model_args, kwargs,
+                          ("T", "num_classes", "in_chans", "neuron"), SpikingResNetArgumentError)
 
 
 @register_model
-def ms_resnet18(
-    pretrained: bool = False, *, T: int = 6, num_classes: int = 1000, in_chans: int = 3,
-    neuron: NeuronArg = None, **kwargs: Any,
-) -> MSResNet:
+def ms_resnet18(pretrained: bool = False, **kwargs: Any) -> MSResNet:
     """MS-ResNet-18, ImageNet stem: 2-2-2-2 basic blocks, widths 64-128-256-512
     (11.69 M parameters with 1000 classes, as torchvision's ResNet-18)."""
-    return _create(
-        "ms_resnet18", pretrained, kwargs, layers=(2, 2, 2, 2), widths=(64, 128, 256, 512),
-        stem="imagenet", stem_width=64, T=T, num_classes=num_classes, in_chans=in_chans, neuron=neuron,
-    )
+    model_args = dict(layers=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem="imagenet", stem_width=64,
+                      T=6, num_classes=1000)
+    return _create("ms_resnet18", pretrained, model_args, **kwargs)
 
 
 @register_model
-def ms_resnet34(
-    pretrained: bool = False, *, T: int = 6, num_classes: int = 1000, in_chans: int = 3,
-    neuron: NeuronArg = None, **kwargs: Any,
-) -> MSResNet:
+def ms_resnet34(pretrained: bool = False, **kwargs: Any) -> MSResNet:
     """MS-ResNet-34, ImageNet stem: 3-4-6-3 basic blocks, widths 64-128-256-512 (21.80 M)."""
-    return _create(
-        "ms_resnet34", pretrained, kwargs, layers=(3, 4, 6, 3), widths=(64, 128, 256, 512),
-        stem="imagenet", stem_width=64, T=T, num_classes=num_classes, in_chans=in_chans, neuron=neuron,
-    )
+    model_args = dict(layers=(3, 4, 6, 3), widths=(64, 128, 256, 512), stem="imagenet", stem_width=64,
+                      T=6, num_classes=1000)
+    return _create("ms_resnet34", pretrained, model_args, **kwargs)

@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
-from functools import partial
 from typing import Any
 
-import torch
 from timm.models import register_model
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from models.checkpointing import (OUTPUTS, checkpoint_contexts, compile_parts, set_checkpointing_mode,
-                                  spikes_saved_packed)
+from models.checkpointing import checkpointed
+from models.classifier import SpikingClassifier, create_checked, spike_consumer_names
 from models.firing import conv_macs
-from models.neurons import LIF, NeuronConfig, as_neuron_config
+from models.neurons import LIF, NeuronConfig
 from models.tdbn import TdBN
 
 __all__ = ["BasicBlock", "Bottleneck", "SpikingResNet", "SpikingResNetArgumentError"]
@@ -153,7 +149,7 @@ class Bottleneck(nn.Module):
         return [(self.lif1, self.conv2), (self.lif2, self.conv3)]
 
 
-class SpikingResNet(nn.Module):
+class SpikingResNet(SpikingClassifier):
     """Spiking ResNet with tdBN; built by the factories at the bottom of this module.
 
     Args:
@@ -184,19 +180,10 @@ class SpikingResNet(nn.Module):
         in_chans: int = 3,
         neuron: NeuronConfig | Mapping[str, Any] | None = None,
     ):
-        super().__init__()
         if stem not in ("cifar", "imagenet"):
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
-        if T < 1:
-            raise ValueError(f"T must be >= 1, got {T}")
-        cfg = as_neuron_config(neuron)
-        self.T = T
-        self.num_classes = num_classes
-        self.neuron = cfg
-        self.grad_checkpointing = False
-        self.checkpointing = "none"
-        self.output = "mean"  # forward's logits: averaged over T, or per step (set_output)
-        self._recorded_input: tuple[int, tuple[int, int, int]] | None = None
+        super().__init__(T, num_classes, neuron)
+        cfg = self.neuron
 
         if stem == "cifar":
             self.conv1 = _conv(in_chans, stem_width, 3)
@@ -238,78 +225,37 @@ class SpikingResNet(nn.Module):
         """Residual blocks in order."""
         return [b for i in range(self.stages) for b in getattr(self, f"layer{i + 1}")]
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each residual block in backward instead of storing its activations (timm
-        convention); only in training with gradients on. Neuron state is local to each call,
-        and BatchNorm statistics and firing counts are not updated by the recomputation."""
-        self.set_checkpointing("blocks" if enable else "none")
+    def checkpointed_parts(self) -> list[nn.Module]:
+        """The residual blocks: recomputed in backward under activation checkpointing."""
+        return self.blocks()
 
-    def set_checkpointing(self, mode: str, time_chunk: int = 2) -> None:
-        """Activation checkpointing: ``none``, ``blocks`` or ``blocks+time`` (see
-        ``models.checkpointing``); ``time_chunk`` is the steps per chunk of ``blocks+time``.
-        Gradients are the same in every mode."""
-        set_checkpointing_mode(self, mode, time_chunk)
+    def stem_current(self, x: Tensor, recorded_by: LIF) -> Tensor:
+        """Images ``[B, C, H, W]`` or sequences ``[T', B, C, H, W]`` -> the stem's output current
+        ``[T, B, stem_width, H', W']`` (conv1-bn1, then maxpool for the ImageNet stem).
 
-    def compile(self, *args: Any, **kwargs: Any) -> None:
-        """torch.compile (Inductor) in place; parameter names and state dicts stay as they are.
-
-        Without activation checkpointing the whole model is one compiled region
-        (``nn.Module.compile``). With it, each residual block is compiled on its own and the
-        checkpoint stays outside the compiled code, in eager mode: a recomputation in backward
-        then runs the block's own graph again, and its BatchNorm and firing-count updates are
-        taken back as in eager mode (inside one compiled graph they would happen twice), while
-        ``blocks+time`` keeps storing the block inputs at 1 bit each. Blocks of one shape share
-        their compiled graphs; shapes are static, so a recomputation finds the graph its forward
-        pass ran. ``args``/``kwargs`` go to ``torch.compile``."""
-        if self.checkpointing == "none":
-            super().compile(*args, **kwargs)
-            return
-        compile_parts(self.blocks(), *args, **kwargs)
+        Direct encoding: the stem sees the same image at every step, so it runs once and its
+        output is broadcast over ``T`` (tdBN's mean and biased variance are unchanged); a sequence
+        goes through it at each of its own ``T'`` steps. While ``recorded_by`` records firing,
+        the input is noted for ``first_layer_macs_per_image``."""
+        if x.ndim not in (4, 5):
+            raise ValueError(
+                f"{type(self).__name__} input must be [B, C, H, W] or [T, B, C, H, W], got shape {tuple(x.shape)}"
+            )
+        y = self.bn1(self.conv1(x if x.ndim == 4 else _time_fold(x)))
+        if self.maxpool is not None:
+            y = self.maxpool(y)
+        self._record_first_layer(recorded_by, 1 if x.ndim == 4 else x.shape[0], tuple(x.shape[-3:]))
+        if x.ndim == 4:
+            return y.unsqueeze(0).expand(self.T, *y.shape)
+        return _time_unfold(y, x.shape[0])
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``[B, C, H, W]`` or sequences ``[T', B, C, H, W]`` -> spikes of the last stage
         ``[T, B, num_features, H_out, W_out]``."""
-        if x.ndim == 4:
-            # Direct encoding: the stem sees the same image at every step, so it runs once and
-            # its output is broadcast over T (tdBN's mean and biased variance are unchanged).
-            y = self.bn1(self.conv1(x))
-            if self.maxpool is not None:
-                y = self.maxpool(y)
-            y = y.unsqueeze(0).expand(self.T, *y.shape)
-            stem_calls = 1
-        elif x.ndim == 5:
-            steps = x.shape[0]
-            y = self.bn1(self.conv1(_time_fold(x)))
-            if self.maxpool is not None:
-                y = self.maxpool(y)
-            y = _time_unfold(y, steps)
-            stem_calls = steps
-        else:
-            raise ValueError(
-                f"{type(self).__name__} input must be [B, C, H, W] or [T, B, C, H, W], "
-                f"got shape {tuple(x.shape)}"
-            )
-        if self.lif1.record_firing:
-            self._recorded_input = (stem_calls, tuple(x.shape[-3:]))
-        use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        packed = self.checkpointing == "blocks+time"
-        if use_checkpoint and packed:
-            # Run in time chunks on its own, the stem LIF would keep one membrane state per
-            # chunk for backward (memory growing with T); recomputed, it keeps only its input,
-            # which for direct encoding is the stem output broadcast over T.
-            s = checkpoint(self.lif1, y, use_reentrant=False,
-                           context_fn=partial(checkpoint_contexts, self.lif1))
-        else:
-            s = self.lif1(y)
+        s = checkpointed(self, self.lif1, self.stem_current(x, recorded_by=self.lif1))
         for block in self.blocks():
-            if use_checkpoint:
-                # The block input is the previous LIF's spikes: kept at 1 bit each if asked.
-                with spikes_saved_packed(s) if packed else nullcontext():
-                    s = checkpoint(
-                        block, s, use_reentrant=False, context_fn=partial(checkpoint_contexts, block)
-                    )
-            else:
-                s = block(s)
+            # The block input is the previous LIF's spikes.
+            s = checkpointed(self, block, s, spikes=True)
         return s
 
     def forward_head(self, s: Tensor, per_step: bool = False) -> Tensor:
@@ -320,23 +266,6 @@ class SpikingResNet(nn.Module):
             y = self.lif_fc1(self.fc1(y))
         logits = self.fc(y)
         return logits if per_step else logits.mean(0)
-
-    def forward_steps(self, x: Tensor) -> Tensor:
-        """Input as in ``forward`` -> logits at every step ``[T, B, num_classes]``; ``forward``
-        is their mean over T. Neuron state runs through the whole input, so a sequence made of
-        two samples concatenated in time carries the state across the boundary (a stream)."""
-        return self.forward_head(self.forward_features(x), per_step=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Input as in ``forward_steps`` -> logits ``[B, num_classes]`` averaged over time, or
-        per step ``[T, B, num_classes]`` when ``output`` is ``"per_step"`` (TET training)."""
-        return self.forward_head(self.forward_features(x), per_step=self.output == "per_step")
-
-    def set_output(self, output: str) -> None:
-        """What ``forward`` returns: ``"mean"`` logits over time or ``"per_step"`` logits."""
-        if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
-        self.output = output
 
     def spike_consumers(self) -> dict[str, list[str]]:
         """Neuron layer name -> names of the conv/linear layers its spikes feed."""
@@ -350,119 +279,63 @@ class SpikingResNet(nn.Module):
             edges += [(source, self.fc1), (self.lif_fc1, self.fc)]
         else:
             edges.append((source, self.fc))
-        names = {module: name for name, module in self.named_modules()}
-        consumers: dict[str, list[str]] = {}
-        for lif, consumer in edges:
-            consumers.setdefault(names[lif], []).append(names[consumer])
-        return consumers
+        return spike_consumer_names(self, edges)
 
-    def first_layer_macs_per_image(self) -> float:
-        """Dense MACs of the stem convolution per image, for the last recorded input."""
-        if self._recorded_input is None:
-            raise ValueError("no forward pass was recorded; call set_firing_recording(model, True) first")
-        stem_calls, shape = self._recorded_input
-        return float(stem_calls * conv_macs(self.conv1, shape))
+    def _first_layer_macs(self, shape: tuple[int, ...]) -> int:
+        """Dense MACs of the stem convolution on one image of ``shape`` ``(C, H, W)``."""
+        return conv_macs(self.conv1, shape)
 
 
-_TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
-
-
-def create_checked(cls: type[nn.Module], name: str, pretrained: bool, extra: dict[str, Any], accepted: str,
-                   error: type[TypeError] = SpikingResNetArgumentError, **arch: Any) -> nn.Module:
-    """`cls(**arch)` for the timm entry point `name`, refusing what no model here accepts.
-
-    timm passes its own bookkeeping arguments (`_TIMM_KWARGS`) to every entry point; any other
-    entry of `extra` is a typo, named in one line with the `accepted` arguments."""
-    unknown = sorted(k for k in extra if k not in _TIMM_KWARGS)
-    if unknown:
-        raise error(f"{name}: unknown argument(s) {', '.join(unknown)}; accepted: {accepted}")
-    if pretrained:
-        raise error(f"{name}: no pretrained weights exist; use pretrained=False")
-    return cls(**arch)
-
-
-def _create(name: str, pretrained: bool, extra: dict[str, Any], **arch: Any) -> SpikingResNet:
-    return create_checked(SpikingResNet, name, pretrained, extra, "T, num_classes, in_chans, neuron", **arch)
-
-
-NeuronArg = NeuronConfig | Mapping[str, Any] | None
+def _create(name: str, pretrained: bool, model_args: dict[str, Any], **kwargs: Any) -> SpikingResNet:
+    return create_checked(SpikingResNet, name, pretrained, model_args, kwargs,
+                          ("T", "num_classes", "in_chans", "neuron"), SpikingResNetArgumentError)
 
 
 @register_model
-def spiking_resnet19(
-    pretrained: bool = False, *, T: int = 4, num_classes: int = 10, in_chans: int = 3,
-    neuron: NeuronArg = None, **kwargs: Any,
-) -> SpikingResNet:
+def spiking_resnet19(pretrained: bool = False, **kwargs: Any) -> SpikingResNet:
     """ResNet-19 for CIFAR (STBP-tdBN): stem conv3x3-128, 3x128, 3x256, 2x512 basic blocks,
     avgpool, FC-256 + LIF, FC-classes (12.70 M parameters with 10 classes)."""
-    return _create(
-        "spiking_resnet19", pretrained, kwargs, block=BasicBlock, layers=(3, 3, 2),
-        widths=(128, 256, 512), stem="cifar", stem_width=128, head_hidden=256,
-        T=T, num_classes=num_classes, in_chans=in_chans, neuron=neuron,
-    )
+    model_args = dict(block=BasicBlock, layers=(3, 3, 2), widths=(128, 256, 512), stem="cifar", stem_width=128,
+                      head_hidden=256, T=4, num_classes=10)
+    return _create("spiking_resnet19", pretrained, model_args, **kwargs)
 
 
 @register_model
-def spiking_resnet18(
-    pretrained: bool = False, *, T: int = 6, num_classes: int = 1000, in_chans: int = 3,
-    neuron: NeuronArg = None, **kwargs: Any,
-) -> SpikingResNet:
+def spiking_resnet18(pretrained: bool = False, **kwargs: Any) -> SpikingResNet:
     """ResNet-18, ImageNet stem: 2-2-2-2 basic blocks, widths 64-128-256-512."""
-    return _create(
-        "spiking_resnet18", pretrained, kwargs, block=BasicBlock, layers=(2, 2, 2, 2),
-        widths=(64, 128, 256, 512), stem="imagenet", stem_width=64,
-        T=T, num_classes=num_classes, in_chans=in_chans, neuron=neuron,
-    )
+    model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem="imagenet",
+                      stem_width=64, T=6, num_classes=1000)
+    return _create("spiking_resnet18", pretrained, model_args, **kwargs)
 
 
 @register_model
-def spiking_resnet34(
-    pretrained: bool = False, *, T: int = 6, num_classes: int = 1000, in_chans: int = 3,
-    neuron: NeuronArg = None, **kwargs: Any,
-) -> SpikingResNet:
+def spiking_resnet34(pretrained: bool = False, **kwargs: Any) -> SpikingResNet:
     """ResNet-34, ImageNet stem: 3-4-6-3 basic blocks, widths 64-128-256-512 (STBP-tdBN)."""
-    return _create(
-        "spiking_resnet34", pretrained, kwargs, block=BasicBlock, layers=(3, 4, 6, 3),
-        widths=(64, 128, 256, 512), stem="imagenet", stem_width=64,
-        T=T, num_classes=num_classes, in_chans=in_chans, neuron=neuron,
-    )
+    model_args = dict(block=BasicBlock, layers=(3, 4, 6, 3), widths=(64, 128, 256, 512), stem="imagenet",
+                      stem_width=64, T=6, num_classes=1000)
+    return _create("spiking_resnet34", pretrained, model_args, **kwargs)
 
 
 @register_model
-def spiking_wide_resnet34(
-    pretrained: bool = False, *, T: int = 6, num_classes: int = 1000, in_chans: int = 3,
-    neuron: NeuronArg = None, **kwargs: Any,
-) -> SpikingResNet:
+def spiking_wide_resnet34(pretrained: bool = False, **kwargs: Any) -> SpikingResNet:
     """Wide ResNet-34: ResNet-34 with every width doubled (stem 128, stages 128-256-512-1024)."""
-    return _create(
-        "spiking_wide_resnet34", pretrained, kwargs, block=BasicBlock, layers=(3, 4, 6, 3),
-        widths=(128, 256, 512, 1024), stem="imagenet", stem_width=128,
-        T=T, num_classes=num_classes, in_chans=in_chans, neuron=neuron,
-    )
+    model_args = dict(block=BasicBlock, layers=(3, 4, 6, 3), widths=(128, 256, 512, 1024), stem="imagenet",
+                      stem_width=128, T=6, num_classes=1000)
+    return _create("spiking_wide_resnet34", pretrained, model_args, **kwargs)
 
 
 @register_model
-def spiking_resnet50(
-    pretrained: bool = False, *, T: int = 6, num_classes: int = 1000, in_chans: int = 3,
-    neuron: NeuronArg = None, **kwargs: Any,
-) -> SpikingResNet:
+def spiking_resnet50(pretrained: bool = False, **kwargs: Any) -> SpikingResNet:
     """ResNet-50, ImageNet stem: 3-4-6-3 bottleneck blocks (expansion 4), widths 64-128-256-512."""
-    return _create(
-        "spiking_resnet50", pretrained, kwargs, block=Bottleneck, layers=(3, 4, 6, 3),
-        widths=(64, 128, 256, 512), stem="imagenet", stem_width=64,
-        T=T, num_classes=num_classes, in_chans=in_chans, neuron=neuron,
-    )
+    model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3), widths=(64, 128, 256, 512), stem="imagenet",
+                      stem_width=64, T=6, num_classes=1000)
+    return _create("spiking_resnet50", pretrained, model_args, **kwargs)
 
 
 @register_model
-def spiking_resnet_tiny(
-    pretrained: bool = False, *, T: int = 4, num_classes: int = 10, in_chans: int = 1,
-    neuron: NeuronArg = None, **kwargs: Any,
-) -> SpikingResNet:
+def spiking_resnet_tiny(pretrained: bool = False, **kwargs: Any) -> SpikingResNet:
     """Demo net for 8x8 digits: stem conv3x3-32, one basic block at 32 and one at 64 (stride 2),
     avgpool, FC (about 77 k parameters)."""
-    return _create(
-        "spiking_resnet_tiny", pretrained, kwargs, block=BasicBlock, layers=(1, 1),
-        widths=(32, 64), stem="cifar", stem_width=32,
-        T=T, num_classes=num_classes, in_chans=in_chans, neuron=neuron,
-    )
+    model_args = dict(block=BasicBlock, layers=(1, 1), widths=(32, 64), stem="cifar", stem_width=32,
+                      T=4, num_classes=10, in_chans=1)
+    return _create("spiking_resnet_tiny", pretrained, model_args, **kwargs)

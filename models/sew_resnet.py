@@ -36,22 +36,19 @@ stems, stages, head, encodings, checkpointing modes and ``compile``. Choices:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
-import torch
 from timm.models import register_model
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from models.checkpointing import checkpoint_contexts, spikes_saved_packed
+from models.checkpointing import checkpointed
+from models.classifier import create_checked, spike_consumer_names
 from models.neurons import LIF, NeuronConfig
-from models.resnet import SpikingResNet, _conv, _time_fold, _time_unfold, create_checked
+from models.resnet import SpikingResNet, SpikingResNetArgumentError, _conv, _time_fold, _time_unfold
 from models.tdbn import TdBN
 
-__all__ = ["CONNECTS", "sew_connect", "stem_current", "SEWDownsample", "SEWBasicBlock", "SEWBottleneck",
-           "SEWResNet"]
+__all__ = ["CONNECTS", "sew_connect", "SEWDownsample", "SEWBasicBlock", "SEWBottleneck", "SEWResNet"]
 
 CONNECTS = ("ADD", "IAND", "AND")
 
@@ -69,25 +66,6 @@ def sew_connect(a: Tensor, s: Tensor, connect: str) -> Tensor:
     if connect == "IAND":
         return (1 - a) * s
     return a * s
-
-
-def stem_current(net: SpikingResNet, x: Tensor) -> tuple[Tensor, int]:
-    """The stem's output current ``[T, B, C, H', W']`` (conv1-bn1, then maxpool for the ImageNet
-    stem) of ``net``, and how many times the stem convolution ran per image.
-
-    Images ``[B, C, H, W]`` (direct encoding) go through the stem once and the result is
-    broadcast over ``net.T`` steps (tdBN's mean and biased variance are those of the repeated
-    image); sequences ``[T', B, C, H, W]`` go through it at each of their own ``T'`` steps."""
-    if x.ndim not in (4, 5):
-        raise ValueError(
-            f"{type(net).__name__} input must be [B, C, H, W] or [T, B, C, H, W], got shape {tuple(x.shape)}"
-        )
-    y = net.bn1(net.conv1(x if x.ndim == 4 else _time_fold(x)))
-    if net.maxpool is not None:
-        y = net.maxpool(y)
-    if x.ndim == 4:
-        return y.unsqueeze(0).expand(net.T, *y.shape), 1
-    return _time_unfold(y, x.shape[0]), x.shape[0]
 
 
 class SEWDownsample(nn.Module):
@@ -232,27 +210,10 @@ class SEWResNet(SpikingResNet):
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``[B, C, H, W]`` or sequences ``[T', B, C, H, W]`` -> the last block's output
         ``[T, B, num_features, H_out, W_out]`` (0/1, or small integers for ADD)."""
-        y, stem_calls = stem_current(self, x)
-        if self.lif1.record_firing:
-            self._recorded_input = (stem_calls, tuple(x.shape[-3:]))
-        use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        packed = self.checkpointing == "blocks+time"
-        if use_checkpoint and packed:
-            # As in SpikingResNet: recomputed, the stem LIF keeps only its input, not chunk states.
-            s = checkpoint(self.lif1, y, use_reentrant=False,
-                           context_fn=partial(checkpoint_contexts, self.lif1))
-        else:
-            s = self.lif1(y)
+        s = checkpointed(self, self.lif1, self.stem_current(x, recorded_by=self.lif1))
         for i, block in enumerate(self.blocks()):
-            if use_checkpoint:
-                # Only 0/1 inputs may be stored at 1 bit: after an ADD block they are sums.
-                spikes_in = i == 0 or self.connect != "ADD"
-                with spikes_saved_packed(s) if packed and spikes_in else nullcontext():
-                    s = checkpoint(
-                        block, s, use_reentrant=False, context_fn=partial(checkpoint_contexts, block)
-                    )
-            else:
-                s = block(s)
+            # Only 0/1 inputs may be stored at 1 bit: after an ADD block they are sums.
+            s = checkpointed(self, block, s, spikes=i == 0 or self.connect != "ADD")
         return s
 
     def spike_consumers(self) -> dict[str, list[str]]:
@@ -268,56 +229,37 @@ class SEWResNet(SpikingResNet):
             branch = [block.output_lif]
             sources = {"ADD": branch + shortcut, "IAND": shortcut, "AND": branch}[self.connect]
         edges += [(source, self.fc) for source in sources]
-        names = {module: name for name, module in self.named_modules()}
-        consumers = {name: [] for name, module in self.named_modules() if isinstance(module, LIF)}
-        for lif, consumer in edges:
-            consumers[names[lif]].append(names[consumer])
-        return consumers
+        # Every neuron layer is listed, also one credited with nothing (IAND, AND).
+        return spike_consumer_names(self, edges, {name: [] for name, module in self.named_modules()
+                                                  if isinstance(module, LIF)})
 
 
-def _create(name: str, pretrained: bool, extra: dict[str, Any], **arch: Any) -> SEWResNet:
-    return create_checked(SEWResNet, name, pretrained, extra, "T, num_classes, in_chans, neuron, connect", **arch)
-
-
-NeuronArg = NeuronConfig | Mapping[str, Any] | None
+def _create(name: str, pretrained: bool, model_args: dict[str, Any], **kwargs: Any) -> SEWResNet:
+    return create_checked(SEWResNet, name, pretrained, model_args, kwargs,
+                          ("T", "num_classes", "in_chans", "neuron", "connect"), SpikingResNetArgumentError)
 
 
 @register_model
-def sew_resnet18(
-    pretrained: bool = False, *, T: int = 4, num_classes: int = 1000, in_chans: int = 3,
-    neuron: NeuronArg = None, connect: str = "ADD", **kwargs: Any,
-) -> SEWResNet:
+def sew_resnet18(pretrained: bool = False, **kwargs: Any) -> SEWResNet:
     """SEW-ResNet-18, ImageNet stem: 2-2-2-2 basic blocks, widths 64-128-256-512
     (11.69 M parameters with 1000 classes, as torchvision's ResNet-18)."""
-    return _create(
-        "sew_resnet18", pretrained, kwargs, block=SEWBasicBlock, layers=(2, 2, 2, 2),
-        widths=(64, 128, 256, 512), stem="imagenet", stem_width=64, connect=connect,
-        T=T, num_classes=num_classes, in_chans=in_chans, neuron=neuron,
-    )
+    model_args = dict(block=SEWBasicBlock, layers=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem="imagenet",
+                      stem_width=64, connect="ADD", T=4, num_classes=1000)
+    return _create("sew_resnet18", pretrained, model_args, **kwargs)
 
 
 @register_model
-def sew_resnet34(
-    pretrained: bool = False, *, T: int = 4, num_classes: int = 1000, in_chans: int = 3,
-    neuron: NeuronArg = None, connect: str = "ADD", **kwargs: Any,
-) -> SEWResNet:
+def sew_resnet34(pretrained: bool = False, **kwargs: Any) -> SEWResNet:
     """SEW-ResNet-34, ImageNet stem: 3-4-6-3 basic blocks, widths 64-128-256-512 (21.80 M)."""
-    return _create(
-        "sew_resnet34", pretrained, kwargs, block=SEWBasicBlock, layers=(3, 4, 6, 3),
-        widths=(64, 128, 256, 512), stem="imagenet", stem_width=64, connect=connect,
-        T=T, num_classes=num_classes, in_chans=in_chans, neuron=neuron,
-    )
+    model_args = dict(block=SEWBasicBlock, layers=(3, 4, 6, 3), widths=(64, 128, 256, 512), stem="imagenet",
+                      stem_width=64, connect="ADD", T=4, num_classes=1000)
+    return _create("sew_resnet34", pretrained, model_args, **kwargs)
 
 
 @register_model
-def sew_resnet50(
-    pretrained: bool = False, *, T: int = 4, num_classes: int = 1000, in_chans: int = 3,
-    neuron: NeuronArg = None, connect: str = "ADD", **kwargs: Any,
-) -> SEWResNet:
+def sew_resnet50(pretrained: bool = False, **kwargs: Any) -> SEWResNet:
     """SEW-ResNet-50, ImageNet stem: 3-4-6-3 bottleneck blocks (expansion 4), widths
     64-128-256-512 (25.56 M)."""
-    return _create(
-        "sew_resnet50", pretrained, kwargs, block=SEWBottleneck, layers=(3, 4, 6, 3),
-        widths=(64, 128, 256, 512), stem="imagenet", stem_width=64, connect=connect,
-        T=T, num_classes=num_classes, in_chans=in_chans, neuron=neuron,
-    )
+    model_args = dict(block=SEWBottleneck, layers=(3, 4, 6, 3), widths=(64, 128, 256, 512), stem="imagenet",
+                      stem_width=64, connect="ADD", T=4, num_classes=1000)
+    return _create("sew_resnet50", pretrained, model_args, **kwargs)

@@ -13,26 +13,21 @@ mass.
 - sigmoid(alpha): ``g(z) = alpha * s * (1 - s)`` with ``s = sigmoid(alpha * z)``.
 - atan(alpha): ``g(z) = (alpha/2) / (1 + (pi/2 * alpha * z)^2)``.
 - triangle(gamma): ``g(z) = (1/gamma^2) * max(0, gamma - |z|)``.
+
+The ``Surrogate`` choices are defined in ``models.neuron_config`` (read by the config schema
+without torch) and re-exported here.
 """
 
 from __future__ import annotations
 
 import math
-from enum import Enum
 
 import torch
 from torch import Tensor
 
+from models.neuron_config import Surrogate
+
 __all__ = ["Surrogate", "surrogate_grad", "spike"]
-
-
-class Surrogate(str, Enum):
-    """Shape of the surrogate derivative used in the backward pass of the spike."""
-
-    rectangular = "rectangular"
-    sigmoid = "sigmoid"
-    atan = "atan"
-    triangle = "triangle"
 
 
 def surrogate_grad(z: Tensor, kind: Surrogate, width: float) -> Tensor:

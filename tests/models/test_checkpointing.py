@@ -5,7 +5,7 @@ import timm
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
-import models  # noqa: F401  (registers the spiking models)
+import models.zoo  # noqa: F401  (registers the spiking models)
 from models import checkpointing
 from models.checkpointing import pack_spikes, unpack_spikes
 from models.firing import firing_counts, set_firing_recording

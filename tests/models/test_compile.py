@@ -7,7 +7,7 @@ import timm
 import torch
 from torch._dynamo.utils import counters
 
-import models  # noqa: F401  (registers the spiking models)
+import models.zoo  # noqa: F401  (registers the spiking models)
 from models import checkpointing
 from models.firing import firing_counts, set_firing_recording
 

@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-import models  # noqa: F401  (registers the models with timm)
+import models.zoo  # registers the models with timm
 from models.deploy import (NIRExportError, fold_model, fold_tdbn_into_linear, folded_checkpoint,
                            load_folded, simulate_nir, to_nir)
 from models.mlp import TdBN1d

@@ -5,7 +5,7 @@ import timm
 import torch
 from torch import nn
 
-import models  # noqa: F401  (registers the timm entry points)
+import models.zoo  # noqa: F401  (registers the timm entry points)
 from models.firing import (
     conv_macs,
     firing_counts,

@@ -10,7 +10,7 @@ place of the largest element (2^-7 bf16, 2^-10 fp16), the fp32 parameter gradien
 
 CPU (always): the kernels run under Triton's interpreter. ``TRITON_INTERPRET=1`` must be set
 before the kernels are decorated, and this pytest process has already imported them through
-``import models``, so one subprocess (this file run as a script, with the variable set) makes
+``import models.zoo``, so one subprocess (this file run as a script, with the variable set) makes
 every interpreted measurement and prints them as JSON; the tests assert on them. The cases cover
 the full product of leak x reset x recurrence (none, self) x surrogate x detach_reset with
 learnable per-channel decay and threshold, plus scalar parameters, state in and out, sequences

@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-import models
+import models.zoo  # registers the spiking networks
 from models import checkpointing
 from models.firing import (
     firing_counts,

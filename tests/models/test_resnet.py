@@ -9,7 +9,7 @@ import torch
 import torchvision
 from omegaconf import OmegaConf
 
-import models  # noqa: F401  (registers the timm entry points)
+import models.zoo  # noqa: F401  (registers the timm entry points)
 from models.firing import firing_counts, set_firing_recording
 from models.neurons import LIF, NeuronConfig, Reset
 from models.resnet import BasicBlock, Bottleneck, SpikingResNetArgumentError

@@ -10,7 +10,7 @@ import timm
 import torch
 import torchvision
 
-import models
+import models.zoo  # registers the spiking networks
 from models import checkpointing
 from models.firing import (conv_macs, firing_counts, firing_report, reset_firing_counts,
                            set_firing_recording, synapses_per_neuron)
@@ -61,7 +61,7 @@ def _randomise_running_stats(model) -> None:
             m.norm.running_var.uniform_(0.5, 1.5)
 
 
-def test_importing_models_registers_both_families_with_timm():
+def test_importing_models_zoo_registers_both_families_with_timm():
     assert set(SEW + MS) <= set(timm.list_models())
     assert models.sew_resnet.SEWResNet is SEWResNet and models.ms_resnet.MSResNet is MSResNet
     assert isinstance(timm.create_model("sew_resnet18", T=2), SEWResNet)

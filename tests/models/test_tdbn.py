@@ -1,6 +1,7 @@
 """tdBN: statistics over T x B x H x W with the alpha * V_th multiplier, running statistics,
 and folding into the preceding convolution."""
 
+import gc
 import math
 
 import pytest
@@ -175,6 +176,10 @@ def _sync_rank(rank: int, port: int, out: str) -> None:
     (y * torch.arange(y.numel()).view_as(y)).sum().backward()
     torch.save({"y": y.detach(), "grad": part.grad, "mean": bn.norm.running_mean, "var": bn.norm.running_var},
                f"{out}/rank{rank}.pt")
+    # The step leaves reference cycles behind that hold on to the process group; freed only at
+    # interpreter exit, after the group is torn down, they now and then abort the process.
+    del y, bn, part
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -1,0 +1,8 @@
+"""Every network family, registered with timm, and the fused neuron kernels, registered with the
+neuron dispatch: ``import models.zoo`` before ``timm.create_model(name, ...)``.
+
+The families are ``models.resnet`` (tdBN ResNets), ``models.sew_resnet``, ``models.ms_resnet`` and
+``models.mlp``; ``models.kernels`` registers the Triton LIF when Triton is installed.
+"""
+
+from models import kernels, mlp, ms_resnet, resnet, sew_resnet  # noqa: F401  (registers them)
