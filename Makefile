@@ -10,7 +10,7 @@ DEMO_DATA := data/digits
 SEQ_DATA := data/seqdigits
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test study bench mlflow-ui install apt clean-runs
+.PHONY: demo test test-fast study bench mlflow-ui install apt clean-runs
 
 install: $(STAMP)
 
@@ -55,6 +55,11 @@ study: $(STAMP) $(DEMO_DATA)/train.beton $(SEQ_DATA)/train.beton
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The inner loop: everything but the tests that start a process, a server or a cluster (marked
+# `slow`); `make test` (and CI) runs those too.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
 # SpikingJelly 2.0 is the anchor the benchmarks compare against (pure-Python wheels).
 bench: $(STAMP)
 	$(PY) -m pip install -q --no-deps "spikingjelly==2.0.0" loguru
@@ -65,7 +70,7 @@ MLFLOW_PORT ?= 5000
 mlflow-ui: $(STAMP)
 	@mkdir -p runs
 	@echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)/#/experiments?workflowType=machine_learning"
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --app-name spikescale --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
 	  --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db \
 	  --default-artifact-root $(CURDIR)/runs/mlartifacts
 

@@ -152,8 +152,8 @@ def slurm_partitions() -> list[str]:
 
 def load(config: list[Path], overrides: list[str]):
     """The resolved config, or SubmitError with train.config's one-line message."""
-    # Imported here, not at the top: the schema pulls in torch, and `--help` or a missing
-    # file should not wait for that.
+    # Imported here, not at the top: `--help` or a missing file need no schema. The schema
+    # itself imports neither torch nor timm, FFCV, Triton or DeepSpeed (a test says so).
     from train.config import ConfigError, load_config
     try:
         return load_config(config, overrides)

@@ -1,7 +1,5 @@
 """Fixtures shared across rooms, built once per session: the embedded digits, and small data sets
 in the real formats with augmentation (CIFAR-10 pickles, an ImageFolder of JPEGs, N-MNIST events)."""
-import subprocess
-import sys
 from pathlib import Path
 
 import pickle
@@ -18,10 +16,9 @@ NMNIST_T = 4  # frames per recording of small_nmnist
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
-    """sklearn's digits written to FFCV files by the real builder CLI."""
+    """sklearn's digits written to FFCV files by the builder's command line, in process."""
     out = tmp_path_factory.mktemp("data") / "digits"
-    subprocess.run([sys.executable, "-m", "data_pipelines.build", "digits", "--out", str(out)],
-                   check=True, cwd=REPO, timeout=300, capture_output=True)
+    assert build_main(["digits", "--out", str(out)]) == 0
     return out
 
 

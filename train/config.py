@@ -1,9 +1,13 @@
 """One typed schema for every experiment: YAML + dotted overrides, validated, resolved, saved.
 
-`load_config(path, overrides)` is the only place a config is parsed. Each room owns the dataclass
-of its section (the neuron in `models`, the data in `data_pipelines`, tracking here in `train`);
-this module composes them. A mistake a user can make (unknown key, wrong type, invalid choice,
-missing file) raises `ConfigError` with one line naming the key and what is allowed.
+`load_config(path, overrides)` is the only place a config is parsed and checked. Each room owns
+the dataclass of its section (the neuron in `models.neuron_config`, the data in
+`data_pipelines.config`, tracking in `train.tracking.config`), in modules that import neither
+torch nor timm, FFCV, Triton or DeepSpeed, so the launcher reads a config on a login node in a
+second. The lists of choices come from where they are defined (the data set registry, the
+checkpointing modes, the model names). A mistake a user can make (unknown key, wrong type,
+invalid choice, out-of-range value, a data set that does not fit the model) raises `ConfigError`
+with one line naming the key and what is allowed.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +23,11 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_pipelines.common import DATASETS
-from data_pipelines.loaders import DataConfig
-from models.checkpointing import OUTPUTS
-from models.neurons import NeuronConfig, NeuronConfigError
-from train.tracking import TrackingConfig
+from data_pipelines.common import DataError
+from data_pipelines.config import DataConfig, check_data_config
+from models.names import CHECKPOINTING_MODES, MODEL_NAMES, OUTPUTS
+from models.neuron_config import NeuronConfig, NeuronConfigError
+from train.tracking.config import TrackingConfig
 
 
 class ConfigError(ValueError):
@@ -34,9 +39,14 @@ def choice(default: str, *allowed: str) -> Any:
     return field(default=default, metadata={"choices": (default, *allowed)})
 
 
-def at_least(default: int, minimum: int = 1) -> Any:
-    """An int field with a lower bound (checked after merging)."""
+def at_least(default: int | float, minimum: int | float = 1) -> Any:
+    """A number field with a lower bound (checked after merging)."""
     return field(default=default, metadata={"minimum": minimum})
+
+
+def fraction(default: float, *, one: bool = False) -> Any:
+    """A float in [0, 1), or [0, 1] with `one` (checked after merging): momenta, decays, rates."""
+    return field(default=default, metadata={"minimum": 0.0, "maximum": 1.0, "one": one})
 
 
 def nonnegative_floats(*default: float) -> Any:
@@ -48,16 +58,16 @@ def nonnegative_floats(*default: float) -> Any:
 class RunConfig:
     name: str = "default"          # run directory = <root>/<name>; reruns of a name resume it
     root: str = "runs"             # also holds the embedded MLflow store (mlflow.db)
-    seed: int = 0                  # model init, data order (with the epoch), augmentation
+    seed: int = at_least(0, 0)     # model init, data order (with the epoch), augmentation
     deterministic: bool = False    # torch.use_deterministic_algorithms, for bit-exact resume tests
 
 
 @dataclass
 class ModelConfig:
-    name: str = "spiking_resnet_tiny"   # any model registered with timm by `models`
+    name: str = choice("spiking_resnet_tiny", *(n for n in MODEL_NAMES if n != "spiking_resnet_tiny"))  # models.zoo registers them
     T: int = at_least(4)                # timesteps; DVS data brings its own T, which must match
-    num_classes: int = 0                # 0: take it from the dataset's meta.json
-    in_chans: int = 0                   # 0: take it from the dataset's meta.json
+    num_classes: int = at_least(0, 0)   # 0: take it from the dataset's meta.json
+    in_chans: int = at_least(0, 0)      # 0: take it from the dataset's meta.json
     neuron: NeuronConfig = field(default_factory=NeuronConfig)
     output: str = choice(*OUTPUTS)      # forward's logits: mean over T, or per step [T, B, classes] (TET)
     args: dict[str, Any] = field(default_factory=dict)  # more factory arguments, e.g. {connect: IAND} for
@@ -67,44 +77,44 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = choice("sgd", "adamw")
-    lr: float = 0.1                     # peak learning rate, for the global batch
-    momentum: float = 0.9
+    lr: float = at_least(0.1, 0.0)      # peak learning rate, for the global batch
+    momentum: float = fraction(0.9)
     nesterov: bool = False
-    weight_decay: float = 5e-4
+    weight_decay: float = at_least(5e-4, 0.0)
     no_decay_norm_bias: bool = True     # no weight decay on tdBN parameters and biases
-    betas_1: float = 0.9
-    betas_2: float = 0.999
+    betas_1: float = fraction(0.9)
+    betas_2: float = fraction(0.999)
     epochs: int = at_least(10)
-    warmup_epochs: float = 0.0          # linear warmup, then cosine to min_lr
-    min_lr: float = 0.0
-    label_smoothing: float = 0.0
+    warmup_epochs: float = at_least(0.0, 0.0)  # linear warmup, then cosine to min_lr
+    min_lr: float = at_least(0.0, 0.0)
+    label_smoothing: float = fraction(0.0)
     loss: str = choice("ce", "tet")     # tet: Temporal Efficient Training (Deng et al. 2022), model.output=per_step
-    tet_lambda: float = 1e-3            # TET's weight of the MSE term pulling every step's output to tet_phi
+    tet_lambda: float = fraction(1e-3, one=True)  # TET's weight of the MSE term pulling every step's output to tet_phi
     tet_phi: float = 1.0                # TET's target of that MSE term
-    firing_reg: float = 0.0             # weight of (mean firing rate - firing_target)^2 in the loss; 0 = off
-    firing_target: float = 0.0          # the mean firing rate (spikes / neuron / step) the penalty pulls to
-    grad_clip: float = 0.0              # max global grad norm; 0 disables clipping
+    firing_reg: float = at_least(0.0, 0.0)  # weight of (mean firing rate - firing_target)^2 in the loss; 0 = off
+    firing_target: float = fraction(0.0, one=True)  # the mean firing rate (spikes / neuron / step) the penalty pulls to
+    grad_clip: float = at_least(0.0, 0.0)  # max global grad norm; 0 disables clipping
     accumulate: int = at_least(1)       # micro-batches per optimizer step
-    ema_decay: float = 0.0              # EMA of weights (e.g. 0.9998), evaluated beside the model; 0 = off
-    mixup_alpha: float = 0.0            # timm Mixup on image batches; 0 = off
-    cutmix_alpha: float = 0.0           # timm CutMix on image batches; 0 = off
+    ema_decay: float = fraction(0.0)    # EMA of weights (e.g. 0.9998), evaluated beside the model; 0 = off
+    mixup_alpha: float = at_least(0.0, 0.0)  # timm Mixup on image batches; 0 = off
+    cutmix_alpha: float = at_least(0.0, 0.0)  # timm CutMix on image batches; 0 = off
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 1                 # 0..3
+    zero_stage: int = field(default=1, metadata={"choices": (0, 1, 2, 3)})
 
 
 @dataclass
 class TrainConfig:
     strategy: str = choice("single", "ddp", "deepspeed")
     precision: str = choice("fp32", "bf16", "fp16")
-    checkpointing: str = choice("none", "blocks", "blocks+time")  # activation checkpointing
+    checkpointing: str = choice(*CHECKPOINTING_MODES)  # activation checkpointing
     time_chunk: int = at_least(2)       # steps per recomputed chunk under blocks+time
     device: str = choice("auto", "cpu", "cuda")
     compile: bool = False               # torch.compile the model (Inductor); blocks alone when checkpointing
     sync_bn: bool = False               # tdBN statistics over every rank's batch (DDP/DeepSpeed, > 1 rank)
-    checkpoint_every_steps: int = 0     # 0: only at epoch ends and on SIGTERM/SIGUSR2
+    checkpoint_every_steps: int = at_least(0, 0)  # 0: only at epoch ends and on SIGTERM/SIGUSR2
     keep_checkpoints: int = at_least(3)
     resume: str = choice("auto", "never")
     max_nonfinite_steps: int = at_least(5)  # consecutive non-finite losses before the run stops
@@ -121,13 +131,13 @@ class EvalConfig:
     Every random draw (noise, PGD start) is a function of (run.seed, measurement, batch, rank).
     """
     checkpoint: str = choice("best", "last")  # best_model.pt, or the newest step checkpoint
-    batches: int = 0                    # validation batches per measurement; 0 = all
-    train_batches: int = 0              # training-split batches for the generalisation gap; 0 = all
+    batches: int = at_least(0, 0)       # validation batches per measurement; 0 = all
+    train_batches: int = at_least(0, 0)  # training-split batches for the generalisation gap; 0 = all
     noise_sigmas: list[float] = nonnegative_floats(0.0, 0.05, 0.1, 0.2, 0.4)  # Gaussian noise std
     epsilons: list[float] = nonnegative_floats(0.0, 0.01, 0.03, 0.1)  # FGSM/PGD L-inf budgets
-    attack_batches: int = 0             # validation batches attacked (FGSM, PGD); 0 = all
+    attack_batches: int = at_least(0, 0)  # validation batches attacked (FGSM, PGD); 0 = all
     pgd_steps: int = at_least(10)
-    pgd_step_size: float = 2.5          # per-step size as a multiple of eps / pgd_steps (Madry et al.)
+    pgd_step_size: float = at_least(2.5, 0.0)  # per-step size as a multiple of eps / pgd_steps (Madry et al.)
     pgd_random_start: bool = True       # start PGD uniformly inside the eps ball
     pgd_best_iterate: bool = True       # each sample keeps its most damaging PGD iterate, not the last
     stream_length: int = at_least(8)    # temporal data: samples fed back to back per stream
@@ -188,11 +198,44 @@ def load_config(paths: str | Path | list[str | Path] | None, overrides: list[str
         key, _, problem = str(e).partition(": ")
         raise ConfigError(f"config key 'model.{key}': {problem}") from None
     _check_choices(cfg)
-    if cfg.optim.loss == "tet" and cfg.model.output != "per_step":
-        raise ConfigError("config key 'optim.loss': tet needs every step's output; set model.output=per_step")
-    if cfg.data.dataset not in DATASETS:
-        raise ConfigError(f"config key 'data.dataset': {cfg.data.dataset!r} is not one of: {', '.join(DATASETS)}")
+    _check_combinations(cfg)
     return cfg
+
+
+def _check_combinations(cfg: Config) -> None:
+    """What no single field's bounds say: settings that do not go together, and the data set on
+    disk (when `data.path` is readable here) against the model and the batch."""
+    try:
+        check_data_config(cfg.data)
+    except DataError as e:  # "data.<key>=<value>: why" names the key already
+        raise ConfigError(f"config key {e}") from None
+    o = cfg.optim
+    if o.loss == "tet" and cfg.model.output != "per_step":
+        raise ConfigError("config key 'optim.loss': tet needs every step's output; set model.output=per_step")
+    if o.mixup_alpha > 0 or o.cutmix_alpha > 0:
+        if cfg.data.dataset in ("dvs", "seqdigits"):
+            raise ConfigError(f"config keys 'optim.mixup_alpha'/'optim.cutmix_alpha': mixup applies to image "
+                              f"data sets, not {cfg.data.dataset}; set them to 0")
+        if cfg.data.batch_size % 2:
+            raise ConfigError(f"config key 'data.batch_size': mixup needs an even batch size, got {cfg.data.batch_size}")
+    if o.min_lr > o.lr:
+        raise ConfigError(f"config key 'optim.min_lr': {o.min_lr} is above optim.lr={o.lr}")
+    try:
+        meta = json.loads((Path(cfg.data.path) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return  # not built yet, or on the cluster's file system only: the loader says so there
+    if meta.get("dataset") not in (None, cfg.data.dataset):
+        raise ConfigError(f"config key 'data.dataset': {cfg.data.dataset}, but {cfg.data.path} holds "
+                          f"{meta['dataset']}; point data.path at a {cfg.data.dataset} build")
+    steps = meta.get("T")
+    if steps and steps != cfg.model.T:  # sequences run their own T: the logged T must be it
+        raise ConfigError(f"config key 'model.T': {cfg.model.T}, but {cfg.data.path} holds sequences of "
+                          f"{steps} steps; set model.T={steps} (or rebuild the data with {cfg.model.T} steps)")
+    samples = meta.get("counts", {}).get("train")
+    if samples and cfg.data.batch_size * o.accumulate > samples:
+        key = "optim.accumulate" if o.accumulate > 1 else "data.batch_size"
+        raise ConfigError(f"config key '{key}': data.batch_size {cfg.data.batch_size} x optim.accumulate "
+                          f"{o.accumulate} exceeds the training set ({samples} samples in {cfg.data.path})")
 
 
 def _explain(e: OmegaConfBaseException) -> str:
@@ -209,14 +252,18 @@ def _check_choices(node: Any, prefix: str = "") -> None:
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             _check_choices(value, key + ".")
+        elif any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            raise ConfigError(f"config key '{key}': must be a finite number, got {value}")
         elif "choices" in f.metadata and value not in f.metadata["choices"]:
-            allowed = ", ".join(f.metadata["choices"])
+            allowed = ", ".join(map(str, f.metadata["choices"]))
             raise ConfigError(f"config key '{key}': {value!r} is not one of: {allowed}")
         elif "each_minimum" in f.metadata and any(v < f.metadata["each_minimum"] for v in value):
             raise ConfigError(f"config key '{key}': every value must be >= {f.metadata['each_minimum']}, "
                               f"got {list(value)}")
         elif "minimum" in f.metadata and value < f.metadata["minimum"]:
             raise ConfigError(f"config key '{key}': must be >= {f.metadata['minimum']}, got {value}")
+        elif "maximum" in f.metadata and (value > 1 or (value == 1 and not f.metadata["one"])):
+            raise ConfigError(f"config key '{key}': must be in [0, 1{']' if f.metadata['one'] else ')'}, got {value}")
 
 
 def grid_points(grid: dict[str, list[str]]) -> list[list[str]]:

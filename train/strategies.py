@@ -1,22 +1,22 @@
-"""How a model is wrapped, stepped and saved: one small interface, three strategies.
+"""How a model is wrapped, stepped and checkpointed: one small interface, three strategies.
 
-The engine's step loop calls only `forward_context`, `backward`, `step`, `save` and `load`, so
-DDP and DeepSpeed details never appear in it. `single` and `ddp` share one class (DDP is a
-wrapper plus rank-0 saving); `deepspeed` hands precision, ZeRO, clipping and saving to its engine.
+The step loop sees only `Strategy` (below), so DDP and DeepSpeed details never appear in it.
+`single` and `ddp` share one class (DDP is a wrapper); `deepspeed` hands precision, ZeRO and
+clipping to its engine, and its per-rank shards to the checkpointer as `Sharded` state. A
+strategy only supplies state; `train.checkpoints.Checkpointer` owns every checkpoint file.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, ContextManager, Protocol
 
 import torch
 from torch import nn
 
-from train.checkpoints import Checkpointer
-from train.config import Config, ConfigError
+from train.checkpoints import Sharded, Stateful
+from train.config import Config
 from train.distributed import DistEnv
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,13 +43,40 @@ def cpu_precision_warning(precision: str, device: torch.device) -> str | None:
             "(train.precision=fp32 is the fast choice on this machine)")
 
 
+class Strategy(Protocol):
+    """What the step loop needs from single/DDP/DeepSpeed."""
+
+    module: nn.Module  # the unwrapped model: evaluated, and what `best_model.pt` holds
+
+    def forward(self, model: nn.Module | None = None, *, sync: bool = True) -> ContextManager[Callable]:
+        """A context yielding the forward to call on a batch (autocast, input dtype, and DDP's
+        gradient sync only when `sync`, i.e. on the last micro-batch); `model` defaults to the
+        wrapped training model."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> dict[str, float]:
+        """Clip, step, zero the gradients, advance the schedule; returns grad norm (and loss scale)."""
+
+    def skip_step(self) -> None:
+        """Drop the accumulated gradients (a non-finite loss): no update, no schedule step."""
+
+    def lr(self) -> float: ...
+
+    def state(self) -> tuple[dict[str, Stateful], Sharded | None]:
+        """The checkpoint parts this strategy holds, and the engine shards if any."""
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights (a collective under ZeRO-3: call it on every rank)."""
+
+
 class TorchStrategy:
     """`single` (one process) and `ddp` (DistributedDataParallel, NCCL or gloo)."""
 
     def __init__(self, cfg: Config, env: DistEnv, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler):
         self.env, self.optimizer, self.scheduler = env, optimizer, scheduler
-        self.module = model  # the unwrapped model: what is saved and evaluated
+        self.module = model
         self.model = model
         if cfg.train.strategy == "ddp" and env.world_size > 1:
             ids = [env.device.index] if env.device.type == "cuda" else None
@@ -59,23 +86,19 @@ class TorchStrategy:
         self.grad_clip = cfg.optim.grad_clip
         self.accumulate = cfg.optim.accumulate
 
-    def forward_context(self, boundary: bool):
-        """Autocast for bf16/fp16; DDP's gradient sync only on the last micro-batch."""
-        stack = contextlib.ExitStack()
-        if self.dtype != torch.float32:
-            stack.enter_context(torch.autocast(self.env.device.type, dtype=self.dtype))
-        if not boundary and isinstance(self.model, nn.parallel.DistributedDataParallel):
-            stack.enter_context(self.model.no_sync())
-        return stack
-
-    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+    @contextlib.contextmanager
+    def forward(self, model: nn.Module | None = None, *, sync: bool = True):
+        with contextlib.ExitStack() as stack:
+            if self.dtype != torch.float32:
+                stack.enter_context(torch.autocast(self.env.device.type, dtype=self.dtype))
+            if not sync and isinstance(self.model, nn.parallel.DistributedDataParallel) and model is None:
+                stack.enter_context(self.model.no_sync())
+            yield model if model is not None else self.model
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss / self.accumulate).backward()
 
     def step(self) -> dict[str, float]:
-        """Clip, step, zero grads, advance the schedule; returns grad norm and loss scale."""
         self.scaler.unscale_(self.optimizer)
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
@@ -88,39 +111,21 @@ class TorchStrategy:
             stats["loss_scale"] = float(self.scaler.get_scale())
         return stats
 
-    def zero_grad(self) -> None:
+    def skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def state(self) -> tuple[dict[str, Stateful], Sharded | None]:
+        return {"model": self.module, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                "scaler": self.scaler}, None
+
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's weights (a collective under ZeRO-3: call it on every rank)."""
         return self.module.state_dict()
 
-    def save(self, ckpt: Checkpointer, step: int, client_state: dict[str, Any]) -> None:
-        if not self.env.is_main:
-            return
-        ckpt.save({**client_state,
-                   "model": self.module.state_dict(),
-                   "optimizer": self.optimizer.state_dict(),
-                   "scheduler": self.scheduler.state_dict(),
-                   "scaler": self.scaler.state_dict()}, step)
 
-    def load(self, ckpt: Checkpointer) -> dict[str, Any] | None:
-        found = ckpt.load_latest(map_location=self.env.device)
-        if found is None:
-            return None
-        state, path = found
-        try:
-            self.module.load_state_dict(state.pop("model"))
-        except RuntimeError as e:  # missing/unexpected keys or shapes: another model's weights
-            raise ConfigError(f"{path} holds the weights of another model ({str(e).splitlines()[1].strip()}); "
-                              "resume with the settings it was trained with, or choose a new run.name") from None
-        self.optimizer.load_state_dict(state.pop("optimizer"))
-        self.scheduler.load_state_dict(state.pop("scheduler"))
-        self.scaler.load_state_dict(state.pop("scaler"))
-        return state
-
-
-class DeepSpeedStrategy(TorchStrategy):
+class DeepSpeedStrategy:
     """DeepSpeed engine: ZeRO stage, bf16/fp16 and clipping come from our config."""
 
     def __init__(self, cfg: Config, env: DistEnv, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -139,19 +144,18 @@ class DeepSpeedStrategy(TorchStrategy):
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31 - 1,
         }
-        self.env, self.scheduler = env, scheduler
-        self.module = model
+        self.env, self.scheduler, self.module = env, scheduler, model
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-        self.model = self.engine
         self.dtype = _DTYPES[cfg.train.precision]
-        self.accumulate = cfg.optim.accumulate
 
-    def forward_context(self, boundary: bool):
-        return contextlib.nullcontext()  # the engine already holds the model in bf16/fp16
-
-    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.dtype) if x.is_floating_point() else x
+    @contextlib.contextmanager
+    def forward(self, model: nn.Module | None = None, *, sync: bool = True):
+        # The engine holds the model in bf16/fp16 already: only the input is cast. We say which
+        # micro-batch ends the step, rather than letting the engine count calls.
+        self.engine.set_gradient_accumulation_boundary(sync)
+        run = model if model is not None else self.engine
+        yield lambda x: run(x.to(self.dtype) if x.is_floating_point() else x)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # the engine divides by the accumulation steps itself
@@ -166,35 +170,27 @@ class DeepSpeedStrategy(TorchStrategy):
             stats["loss_scale"] = float(self.engine.optimizer.cur_scale)
         return stats
 
-    def zero_grad(self) -> None:
+    def skip_step(self) -> None:
         self.engine.zero_grad()
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def state(self) -> tuple[dict[str, Stateful], Sharded | None]:
+        return {}, self  # model, optimizer and scheduler live in the engine's shards
+
+    def save_shards(self, folder: Path, tag: str) -> None:
+        self.engine.save_checkpoint(str(folder), tag=tag)
+
+    def load_shards(self, folder: Path, tag: str) -> None:
+        self.engine.load_checkpoint(str(folder), tag=tag)
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         if self.engine.zero_optimization_partition_weights():  # ZeRO-3 shards the weights
             return self.engine._zero3_consolidated_16bit_state_dict()
         return self.module.state_dict()
 
-    def save(self, ckpt: Checkpointer, step: int, client_state: dict[str, Any]) -> None:
-        # Every rank writes its shard through the engine; rank 0 then writes our small manifest
-        # last, so a manifest only exists for a complete engine checkpoint.
-        tag = f"step-{step:09d}"
-        self.engine.save_checkpoint(str(ckpt.dir / "deepspeed"), tag=tag)
-        if self.env.is_main:
-            ckpt.save({**client_state, "deepspeed_tag": tag}, step)
-            live = {p.stem for p in ckpt.paths()}
-            for d in (ckpt.dir / "deepspeed").glob("step-*"):
-                if d.is_dir() and d.name not in live:
-                    shutil.rmtree(d, ignore_errors=True)
 
-    def load(self, ckpt: Checkpointer) -> dict[str, Any] | None:
-        found = ckpt.load_latest()
-        if found is None:
-            return None
-        state, _ = found
-        self.engine.load_checkpoint(str(ckpt.dir / "deepspeed"), tag=state.pop("deepspeed_tag"))
-        return state
-
-
-def build_strategy(cfg: Config, env: DistEnv, model: nn.Module, optimizer, scheduler) -> TorchStrategy:
-    cls: Callable[..., TorchStrategy] = DeepSpeedStrategy if cfg.train.strategy == "deepspeed" else TorchStrategy
+def build_strategy(cfg: Config, env: DistEnv, model: nn.Module, optimizer, scheduler) -> Strategy:
+    cls = DeepSpeedStrategy if cfg.train.strategy == "deepspeed" else TorchStrategy
     return cls(cfg, env, model, optimizer, scheduler)

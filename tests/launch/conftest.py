@@ -8,7 +8,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.launch.slurm_jobs import CLUSTER_SCRIPTS, REPO, free_port_pair
+from tests.launch.slurm_jobs import CLUSTER_SCRIPTS, free_port_pair
+from tests.train.trainrun import run_module
 
 
 @dataclass
@@ -75,6 +75,6 @@ def two_node_cluster() -> Iterator[Cluster]:
 def digits(tmp_path_factory) -> Path:
     """The embedded demo dataset as .beton files (built once per session)."""
     out = tmp_path_factory.mktemp("data") / "digits"
-    subprocess.run([sys.executable, "-m", "data_pipelines.build", "digits", "--out", str(out)],
-                   check=True, cwd=REPO, capture_output=True, timeout=300)
+    built = run_module("data_pipelines.build", "digits", "--out", str(out), timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
     return out

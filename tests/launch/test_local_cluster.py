@@ -6,7 +6,11 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.launch.slurm_jobs import CLUSTER_SCRIPTS, free_port_pair
+
+pytestmark = pytest.mark.slow  # starts Slurm clusters
 
 
 def run(script: str, env: dict) -> subprocess.CompletedProcess:

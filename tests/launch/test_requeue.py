@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.launch.slurm_jobs import scancel_usr2, submit, wait_for, wait_until_done
 
 FAKE = Path(__file__).parent / "fake_trainer"
@@ -16,6 +18,7 @@ def steps(run_dir: Path, rank: int) -> list[int]:
     return [int(x) for x in log.read_text().split()] if log.exists() else []
 
 
+@pytest.mark.slow
 def test_usr2_saves_requeues_and_every_rank_resumes_without_repeating_steps(slurm_cluster, tmp_path):
     out, [job] = submit("--config", "fake.yaml", "--cluster", "slurm", "--tasks-per-node", "2",
                         "--cpus-per-task", "1", f"run.root={tmp_path}", "run.name=two-ranks", "steps=40",
@@ -39,6 +42,7 @@ def test_usr2_saves_requeues_and_every_rank_resumes_without_repeating_steps(slur
                    "MASTER_ADDR": "localhost", "MASTER_PORT": str(20000 + int(job) % 20000)}
 
 
+@pytest.mark.slow
 def test_job_past_max_requeues_ends_with_its_checkpoint_kept(slurm_cluster, tmp_path):
     out, [job] = submit("--config", "fake.yaml", "--cluster", "slurm", "--max-requeues", "0",
                         f"run.root={tmp_path}", "run.name=no-requeue", "steps=200", cwd=FAKE)
@@ -55,6 +59,7 @@ def test_job_past_max_requeues_ends_with_its_checkpoint_kept(slurm_cluster, tmp_
     assert 3 <= saved < 200 and steps(run, 0)[-1] == saved  # resumable by resubmitting
 
 
+@pytest.mark.slow
 def test_sweep_is_one_job_array_with_a_run_per_grid_point_tagged_with_the_sweep_id(slurm_cluster, tmp_path):
     out, jobs = submit("--config", "fake.yaml", "--cluster", "slurm", "--sweep", "steps=3,4",
                        "--sweep", "step_s=0.1,0.2", "--array-parallelism", "2", f"run.root={tmp_path}",
@@ -73,6 +78,7 @@ def test_sweep_is_one_job_array_with_a_run_per_grid_point_tagged_with_the_sweep_
                     ("steps=4", "step_s=0.1"), ("steps=4", "step_s=0.2")}
 
 
+@pytest.mark.slow
 def test_local_cluster_runs_the_job_without_slurm(tmp_path):
     out, [job] = submit("--config", "fake.yaml", "--cluster", "local", "--tasks-per-node", "2",
                         f"run.root={tmp_path}", "run.name=local", "steps=3", cwd=FAKE)
@@ -83,6 +89,7 @@ def test_local_cluster_runs_the_job_without_slurm(tmp_path):
     assert json.loads((run / "env-1.json").read_text())["dist"]["WORLD_SIZE"] == "2"
 
 
+@pytest.mark.slow
 def test_signal_after_the_last_step_completes_the_job_instead_of_requeueing_it(slurm_cluster, tmp_path):
     out, [job] = submit("--config", "fake.yaml", "--cluster", "slurm", f"run.root={tmp_path}", "run.name=late",
                         "steps=2", "finish_s=6", cwd=FAKE)

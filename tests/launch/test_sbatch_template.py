@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.launch.slurm_jobs import scancel_usr2, wait_for, wait_until_done
+
+pytestmark = pytest.mark.slow  # submits to a Slurm cluster
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE = Path(__file__).parent / "fake_trainer"

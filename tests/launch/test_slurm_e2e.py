@@ -7,8 +7,11 @@ import re
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+import pytest
 
 from tests.launch.slurm_jobs import log_of, scancel_usr2, submit_demo, wait_for, wait_until_done
+
+pytestmark = pytest.mark.slow  # submits to a Slurm cluster
 
 
 def only_run(root: Path, experiment: str):

@@ -60,6 +60,7 @@ def test_tasks_per_node_must_match_gpus(capsys):
     assert "one task per GPU" in err
 
 
+@pytest.mark.slow
 def test_unknown_partition_lists_the_clusters_partitions(capsys, slurm_cluster):
     err = one_line_error(capsys, ["--config", DEMO, "--cluster", "slurm", "--partition", "gpu-nope"])
     assert "unknown partition 'gpu-nope'; this cluster has: debug" in err
@@ -139,9 +140,22 @@ def test_requeue_exit_code_is_the_trainers():
     assert launch_job.REQUEUE_EXIT_CODE == train.REQUEUE_EXIT_CODE
 
 
+@pytest.mark.slow
 def test_launcher_and_job_import_neither_torch_nor_models():
     code = ("import sys, launch.submit, launch.job; "
             "print(sorted(m for m in ('torch', 'models', 'timm', 'train') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_loading_and_checking_a_config_imports_no_gpu_stack():
+    """`launch.submit` on a login node reads and checks the config without torch, timm, FFCV,
+    Triton or DeepSpeed (seconds each, and a GPU stack a login node may not have)."""
+    code = ("import sys; from launch.submit import load; "
+            "load(['configs/imagenet_resnet50.yaml', 'configs/blocks/deepspeed_zero2.yaml'], ['model.T=2']); "
+            "print(sorted(m for m in ('torch', 'timm', 'ffcv', 'triton', 'deepspeed', 'numba', 'mlflow') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -4,8 +4,11 @@ own address (slurm/local-cluster/start with SPIKESCALE_SLURM_NODES=2), the demo 
 from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
+import pytest
 
 from tests.launch.slurm_jobs import log_of, submit_demo, wait_until_done
+
+pytestmark = pytest.mark.slow  # starts a two-node Slurm cluster
 
 
 def test_demo_as_a_two_node_ddp_job_trains_across_namespaces_and_logs_once(two_node_cluster, digits, tmp_path):

@@ -341,6 +341,7 @@ def interpreted() -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("case", cpu_cases(), ids=lambda c: c.id)
 def test_interpreted_kernel_matches_reference(interpreted, case):
@@ -355,6 +356,7 @@ def _extras(interpreted: dict) -> dict:
     return extras
 
 
+@pytest.mark.slow
 @needs_triton
 def test_interpreted_kernel_is_dispatched_for_supported_specs_only(interpreted):
     extras = _extras(interpreted)
@@ -364,6 +366,7 @@ def test_interpreted_kernel_is_dispatched_for_supported_specs_only(interpreted):
     assert extras["no_state"]
 
 
+@pytest.mark.slow
 @needs_triton
 def test_interpreted_kernel_under_torch_compile_matches_eager_reference(interpreted):
     extras = _extras(interpreted)
@@ -371,6 +374,7 @@ def test_interpreted_kernel_under_torch_compile_matches_eager_reference(interpre
     assert extras["compile_grad_rel"] <= FP32_TOL
 
 
+@pytest.mark.slow
 @needs_triton
 def test_interpreted_kernel_keeps_the_step_layout_of_an_input_broadcast_over_time(interpreted):
     extras = _extras(interpreted)
@@ -379,6 +383,7 @@ def test_interpreted_kernel_keeps_the_step_layout_of_an_input_broadcast_over_tim
     assert extras["broadcast_grad_rel"] <= FP32_TOL
 
 
+@pytest.mark.slow
 @needs_triton
 def test_interpreted_kernel_under_autocast_keeps_bf16_and_matches_reference(interpreted):
     extras = _extras(interpreted)
@@ -387,6 +392,7 @@ def test_interpreted_kernel_under_autocast_keeps_bf16_and_matches_reference(inte
     assert extras["autocast_grad_rel"] <= GRAD_X_TOL["bfloat16"]
 
 
+@pytest.mark.slow
 @needs_triton
 def test_custom_op_passes_opcheck(interpreted):
     for report in _extras(interpreted)["opcheck"]:

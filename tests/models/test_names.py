@@ -44,6 +44,7 @@ def test_every_name_in_models_all_resolves_to_its_defining_module():
         models.not_a_name  # noqa: B018
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("statement", [
     "import models",
     "import models.names, models.neuron_config",

@@ -183,6 +183,7 @@ def _sync_rank(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_synchronised_tdbn_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
     import socket
 

@@ -2,28 +2,26 @@
 a rerun resumes what is done instead of training again."""
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.train.trainrun import REPO, train_env
+from tests.train.trainrun import run_module
+
+pytestmark = pytest.mark.slow  # runs the study
 
 
 @pytest.fixture(scope="module")
 def seqdigits_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "seqdigits"
-    subprocess.run([sys.executable, "-m", "data_pipelines.build", "seqdigits", "--out", str(out)],
-                   check=True, cwd=REPO, timeout=300, capture_output=True)
+    built = run_module("data_pipelines.build", "seqdigits", "--out", str(out), timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
     return out
 
 
 def study_run(*args):
-    return subprocess.run([sys.executable, "-m", "study", "run", *args], cwd=REPO, env=train_env(),
-                          capture_output=True, text=True, timeout=900)
+    return run_module("study", "run", *args, timeout=900)
 
 
-@pytest.mark.slow
 def test_study_run_trains_evaluates_and_reports_the_grid_then_resumes(seqdigits_dir, tmp_path):
     grid = tmp_path / "grid.yaml"  # two of the 18 variants keep the test short
     grid.write_text('study:\n  grid:\n    model.neuron.leak: ["false"]\n    model.neuron.reset: [hard, none]\n'

@@ -43,7 +43,8 @@ class MlflowServer:
 
     def start(self, timeout: float = 90.0) -> "MlflowServer":
         self.root.mkdir(parents=True, exist_ok=True)
-        cmd = [str(_MLFLOW), "server", "--host", "127.0.0.1", "--port", str(self.port),
+        # --app-name spikescale: MLflow's app as `make mlflow-ui` serves it (train/tracking/ui.py)
+        cmd = [str(_MLFLOW), "server", "--app-name", "spikescale", "--host", "127.0.0.1", "--port", str(self.port),
                "--workers", "1",
                "--backend-store-uri", f"sqlite:///{self.root.resolve()}/mlflow.db",
                "--artifacts-destination", str(self.root.resolve() / "mlartifacts")]

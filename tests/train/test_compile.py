@@ -8,6 +8,8 @@ import torch
 
 from tests.train.trainrun import metric_history, train
 
+pytestmark = pytest.mark.slow  # runs the trainer
+
 
 def _final(root) -> dict:
     return json.loads((root / "demo-digits" / "final_metrics.json").read_text())

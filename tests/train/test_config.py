@@ -1,9 +1,8 @@
 """The one config schema: YAML + overrides merge, and every user mistake is one clear line."""
-import subprocess
-import sys
 
 import pytest
 
+from tests.train.trainrun import run_module, train
 from train.config import ConfigError, changed_keys, config_hash, load_config, to_dict
 
 DEMO = "configs/demo_digits.yaml"
@@ -87,19 +86,18 @@ def test_every_shipped_config_and_block_loads():
         assert cfg.train.strategy == "deepspeed" and cfg.model.name == "spiking_resnet19"
 
 
+@pytest.mark.slow
 def test_neuron_setting_from_the_command_line_is_one_line_and_exit_2(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "train", "--config", DEMO, "model.neuron.tau_decay=2",
-                           f"run.root={tmp_path}"], capture_output=True, text=True, timeout=300)
+    done = train("model.neuron.tau_decay=2", f"run.root={tmp_path}")
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == ["error: config key 'model.neuron.tau_decay': 2.0 is outside [0, 1]"]
 
 
+@pytest.mark.slow
 def test_sequence_data_of_another_length_than_model_T_is_refused(tmp_path):
     data = tmp_path / "seqdigits"
-    subprocess.run([sys.executable, "-m", "data_pipelines.build", "seqdigits", "--out", str(data)],
-                   check=True, capture_output=True, timeout=300)
-    done = subprocess.run([sys.executable, "-m", "train", "--config", "configs/study_seqdigits.yaml", "model.T=4",
-                           f"data.path={data}", f"run.root={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert run_module("data_pipelines.build", "seqdigits", "--out", str(data)).returncode == 0
+    done = train("model.T=4", f"data.path={data}", f"run.root={tmp_path}", config="configs/study_seqdigits.yaml")
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: config key 'model.T': 4, but") and "model.T=8" in line

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+pytestmark = pytest.mark.slow  # runs `python -m train`
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -47,7 +49,7 @@ def test_demo_writes_checkpoints_and_resumes_where_it_stopped(demo_run):
 def test_mlflow_run_has_metrics_and_a_firing_rate_per_neuron_layer(demo_run):
     import timm
 
-    import models  # noqa: F401
+    import models.zoo  # noqa: F401  (registers the spiking networks)
 
     root, _, _ = demo_run
     client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")

@@ -5,6 +5,8 @@ from mlflow.tracking import MlflowClient
 from tests.train.mlflow_fixtures import mlflow_server  # noqa: F401  (fixture)
 from tests.train.trainrun import train
 
+pytestmark = pytest.mark.slow  # starts an MLflow server and the trainer
+
 
 @pytest.fixture(scope="module")
 def served_run(mlflow_server, digits_dir, tmp_path_factory):  # noqa: F811

@@ -7,14 +7,15 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.train.trainrun import REPO, free_port, train, train_env
+from tests.train.trainrun import REPO, free_port, run_module, train, train_env
+
+pytestmark = pytest.mark.slow  # runs the trainer and the evaluation
 
 SMALL_GRID = ["eval.noise_sigmas=[0,0.2]", "eval.epsilons=[0,0.1]", "eval.pgd_steps=3"]
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "train.evaluate", *args], cwd=REPO, env=train_env(),
-                          capture_output=True, text=True, timeout=600)
+    return run_module("train.evaluate", *args)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,6 @@ def demo_run(digits_dir, tmp_path_factory):
     return root, root / "demo-digits"
 
 
-@pytest.mark.slow
 def test_evaluation_writes_every_measurement_into_eval_json_and_the_runs_mlflow_run(demo_run):
     root, run_dir = demo_run
     done = evaluate(str(run_dir), *SMALL_GRID)
@@ -75,7 +75,6 @@ def test_bad_input_is_one_line_and_exit_code_2(demo_run, tmp_path, args, words):
     assert len(lines) == 1 and lines[0].startswith("error:") and all(w in lines[0] for w in words), lines
 
 
-@pytest.mark.slow
 def test_two_ranks_measure_the_same_clean_generalisation_and_fgsm_numbers_as_one(demo_run):
     _, run_dir = demo_run
     grid = ["eval.noise_sigmas=[0]", "eval.epsilons=[0.1]", "eval.pgd_steps=1", "eval.pgd_random_start=false"]

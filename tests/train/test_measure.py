@@ -7,7 +7,7 @@ import timm
 import torch
 from torch.nn import functional as F
 
-import models  # noqa: F401  (registers the spiking networks)
+import models.zoo  # noqa: F401  (registers the spiking networks)
 from data_pipelines.digits import load_split
 from train import measure
 

@@ -1,8 +1,10 @@
-"""The MLflow UI, rendered by headless Chromium, shows a tracked run and its firing rates.
+"""The MLflow UI, rendered by headless Chromium, shows a tracked run and its firing rates, in
+the "Model training" view wherever a page is opened.
 
-MLflow 3.17's experiment page opens on the GenAI overview; `?workflowType=machine_learning` is
-the UI's own "Model training" switch, which shows the runs table. Screenshots are kept in the
-test's tmp_path (pytest keeps the last three sessions' directories).
+MLflow 3.17 takes the view from the URL's `workflowType`, else from the browser's last choice,
+else GenAI; our server app (`--app-name spikescale`, train/tracking/ui.py) makes model training
+the default choice. Screenshots are kept in the test's tmp_path (pytest keeps the last three
+sessions' directories).
 """
 from __future__ import annotations
 
@@ -79,13 +81,13 @@ def test_run_page_shows_the_run_name_and_per_layer_firing_rates(tracked_run, tmp
 
 
 def test_runs_are_model_training_experiments_with_their_data_set_on_the_run_page(tracked_run, tmp_path):
-    """The experiment carries MLflow's kind tag for model training; the run page (in that view,
-    as every link we print opens it: MLflow 3.17 takes the view from the URL or the browser's
-    last choice, not from the tag) lists the run's data set as an input."""
+    """The experiment carries MLflow's kind tag for model training; the run page opened without
+    any view in its URL, in a browser that never chose one, is in that view and lists the run's
+    data set as an input."""
     uri, experiment_id, run_id = tracked_run
     experiment = MlflowClient(uri).get_experiment(experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    url = f"{uri}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    url = f"{uri}/#/experiments/{experiment_id}/runs/{run_id}"  # as a bookmark or a message has it
     text = visible_text(render(url, tmp_path / "run-data.png"))
     assert RUN_NAME in text and "Judges" not in text and "Evaluations" not in text
     assert "cifar10:cifar10 (0123456789abcdef) training" in text

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import models  # noqa: F401  (registers the spiking networks)
+import models.zoo  # noqa: F401  (registers the spiking networks)
 from train import measure
 from train.config import ConfigError, load_config
 from train.engine import build_loss, tet_loss

@@ -10,6 +10,7 @@ import torch
 from tests.train.trainrun import REPO, metric_history, train
 
 
+@pytest.mark.slow
 def test_bf16_with_accumulation_ema_and_mixup_learns(digits_dir, tmp_path):
     done = train(f"run.root={tmp_path}", f"data.path={digits_dir}", "optim.epochs=2", "data.num_workers=1",
                  "train.precision=bf16", "optim.accumulate=2", "data.batch_size=16", "optim.ema_decay=0.9",
@@ -22,6 +23,7 @@ def test_bf16_with_accumulation_ema_and_mixup_learns(digits_dir, tmp_path):
     assert max(step for step, _ in metric_history(tmp_path, "train/lr")) == 2 * 44
 
 
+@pytest.mark.slow
 def test_fp16_uses_a_loss_scaler(digits_dir, tmp_path):
     done = train(f"run.root={tmp_path}", f"data.path={digits_dir}", "optim.epochs=1", "data.num_workers=1",
                  "train.precision=fp16", "tracking.log_every_steps=5")
@@ -33,6 +35,7 @@ def test_fp16_uses_a_loss_scaler(digits_dir, tmp_path):
     assert scales and all(v > 1 for v in scales)
 
 
+@pytest.mark.slow
 def test_cpu_without_native_bf16_is_told_so_in_one_line():
     # oneDNN limited to AVX2 behaves as a CPU without AVX-512 (AMD EPYC Zen 3): no bf16 kernels.
     code = ("import torch; from train.strategies import cpu_precision_warning as w; "
@@ -47,7 +50,7 @@ def test_cpu_without_native_bf16_is_told_so_in_one_line():
 def test_captured_spike_totals_give_the_recorded_firing_rate_with_a_gradient():
     import timm
 
-    import models
+    import models.zoo  # registers the spiking networks
     from models.firing import capture_spike_totals, mean_firing_rate
 
     torch.manual_seed(0)
@@ -68,6 +71,7 @@ def test_captured_spike_totals_give_the_recorded_firing_rate_with_a_gradient():
     assert totals == []  # nothing is captured outside the block
 
 
+@pytest.mark.slow
 def test_firing_rate_penalty_lowers_the_firing_rate_and_is_logged(digits_dir, tmp_path):
     rates = {}
     for weight in (0, 50):

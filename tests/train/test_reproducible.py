@@ -17,6 +17,9 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import NMNIST_T
 from tests.train.trainrun import REPO, start, train, train_command, train_env
+from train import REQUEUE_EXIT_CODE
+
+pytestmark = pytest.mark.slow  # runs and kills the trainer
 
 COMMON = ["model.name=spiking_resnet_tiny", "train.strategy=single", "train.precision=fp32", "run.name=repro",
           "run.deterministic=true", "train.checkpoint_every_steps=1", "train.keep_checkpoints=2",
@@ -88,13 +91,14 @@ def _process(pid: int) -> psutil.Process | None:
         return None
 
 
-def kill_at_a_random_checkpoint(config: str, args: list[str], root: Path, nproc: int, last: int) -> int:
+def kill_at_a_random_checkpoint(config: str, args: list[str], root: Path, nproc: int, last: int,
+                                first: int = 1) -> int:
     """Start the run and SIGKILL every process of it (launcher and ranks) once a checkpoint past a
     random step exists, as a node going down would; returns that step."""
     proc = (start(*args, config=config) if nproc == 1 else
             subprocess.Popen(train_command(*args, nproc=nproc, config=config), cwd=REPO, env=train_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-    target = random.Random().randrange(1, last)
+    target = random.Random().randrange(first, last)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
@@ -116,6 +120,22 @@ def kill_at_a_random_checkpoint(config: str, args: list[str], root: Path, nproc:
         psutil.wait_procs([p for p in map(_process, family) if p is not None], timeout=60)
 
 
+def state_step(root: Path) -> int:
+    return max(int(p.stem.split("-")[1]) for p in (root / "repro" / "checkpoints").glob("step-*.pt"))
+
+
+def wait_for_checkpoint_then(run, root: Path, step: int, sig: int) -> int:
+    """Send `sig` to `run` once a checkpoint at or past `step` exists; returns that step."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and run.poll() is None:
+        steps = [int(p.stem.split("-")[1]) for p in (root / "repro" / "checkpoints").glob("step-*.pt")]
+        if steps and max(steps) >= step:
+            run.send_signal(sig)
+            return max(steps)
+        time.sleep(0.01)
+    raise AssertionError(f"no checkpoint at step >= {step} (exit code {run.poll()})")
+
+
 @pytest.fixture(scope="module", params=list(KINDS))
 def reference(request, tmp_path_factory):
     kind = request.param
@@ -127,13 +147,19 @@ def reference(request, tmp_path_factory):
     return kind, data, final_state(root), losses(root)
 
 
-@pytest.mark.slow
-def test_killed_at_a_random_step_and_resumed_with_other_workers_is_bit_identical(reference, tmp_path):
-    """The resumed half also decodes with 2 workers instead of 1: neither the augmentation nor
-    the model's arithmetic may depend on the decode threads."""
+def test_stopped_by_sigusr2_then_killed_and_resumed_with_other_workers_is_bit_identical(reference, tmp_path):
+    """SIGUSR2 mid-epoch (save, exit for requeue), a resume killed at a later random step, and a
+    last resume that decodes with 2 workers instead of 1: neither the augmentation nor the
+    model's arithmetic may depend on the stops or the decode threads."""
     kind, data, state, history = reference
     config, args = run_args(kind, data, tmp_path, "data.num_workers=1")
-    killed_after = kill_at_a_random_checkpoint(config, args, tmp_path, 1, int(state["global_step"]))
+    last = int(state["global_step"])
+    run = start(*args, config=config)
+    wait_for_checkpoint_then(run, tmp_path, random.Random().randrange(1, last // 2), signal.SIGUSR2)
+    assert run.wait(timeout=300) == REQUEUE_EXIT_CODE, run.output()[1][-3000:]
+    stopped_at = int(state_step(tmp_path))
+    assert f"SIGUSR2: checkpoint saved at step {stopped_at}" in run.output()[0]
+    killed_after = kill_at_a_random_checkpoint(config, args, tmp_path, 1, last, first=stopped_at + 1)
     resumed = train(*args, "data.num_workers=2", config=config)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from step-{killed_after:09d}.pt" in resumed.stdout or "resumed from" in resumed.stdout
@@ -151,7 +177,6 @@ def ranked_reference(request, small_cifar10, tmp_path_factory):
     return request.param, final_state(root), losses(root)
 
 
-@pytest.mark.slow
 def test_every_strategy_killed_and_resumed_on_augmented_cifar_is_bit_identical(ranked_reference, small_cifar10,
                                                                                  tmp_path):
     strategy, state, history = ranked_reference

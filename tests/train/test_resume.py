@@ -12,6 +12,8 @@ import torch
 from train import REQUEUE_EXIT_CODE, USER_ERROR_EXIT_CODE
 from tests.train.trainrun import DEMO, REPO, start, train, train_command, train_env
 
+pytestmark = pytest.mark.slow  # runs and kills the trainer
+
 EPOCHS = 2
 
 

@@ -4,8 +4,6 @@ data built by our builder from small files in each set's real format, one short 
 import json
 import math
 import pickle
-import subprocess
-import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -13,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.train.trainrun import REPO, metric_history, train
+from tests.train.trainrun import REPO, metric_history, run_module, train
+
+pytestmark = pytest.mark.slow  # runs the trainer
 
 
 def _cifar10(src, rng):
@@ -76,8 +76,9 @@ def test_shipped_config_trains_on_its_data_format(name, tmp_path):
     case = CASES[name]
     case.write(tmp_path / "src", np.random.default_rng(0))
     data = tmp_path / "data"
-    subprocess.run([sys.executable, "-m", "data_pipelines.build", *case.build, "--src", str(tmp_path / "src"),
-                    "--out", str(data), "--workers", "2"], check=True, cwd=REPO, timeout=300, capture_output=True)
+    built = run_module("data_pipelines.build", *case.build, "--src", str(tmp_path / "src"), "--out", str(data),
+                       "--workers", "2", timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
     config_args = [a for c in case.configs[1:] for a in ("--config", c)]
     done = train(*config_args, *case.overrides, "train.precision=fp32", f"data.batch_size={case.batch}", f"data.path={data}",
                  f"run.root={tmp_path / 'runs'}", "optim.epochs=1", "data.num_workers=1",

@@ -25,6 +25,7 @@ def single_losses(digits_dir, tmp_path_factory):
     return losses(tmp_path_factory.mktemp("single"), f"data.path={digits_dir}", "data.batch_size=32")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", [
     ["train.strategy=ddp"],
     ["train.strategy=deepspeed", "train.deepspeed.zero_stage=1"],
@@ -41,6 +42,7 @@ def test_two_ranks_follow_single_process_trajectory(strategy, single_losses, dig
     assert sum(single_losses[-5:]) < sum(single_losses[:5]) - 0.1  # and it is learning at all
 
 
+@pytest.mark.slow
 def test_deepspeed_bf16_zero2_as_the_imagenet_recipe_runs_it(single_losses, digits_dir, tmp_path):
     # configs/blocks/deepspeed_zero2.yaml: the engine holds parameters in bf16 (no autocast)
     # while BatchNorm statistics stay fp32; tdBN has to take both.
@@ -50,6 +52,7 @@ def test_deepspeed_bf16_zero2_as_the_imagenet_recipe_runs_it(single_losses, digi
     assert len(ranked) == STEPS and max(gaps) < 0.06, gaps  # measured 0.020 (bf16 weights)
 
 
+@pytest.mark.slow
 def test_sync_bn_trains_under_ddp_and_its_checkpoints_load_into_a_plain_model(digits_dir, tmp_path):
     # The statistics themselves are checked against one process in tests/models/test_tdbn.py.
     done = train(f"run.root={tmp_path}", f"data.path={digits_dir}", "optim.epochs=1", "data.num_workers=1",
@@ -58,7 +61,7 @@ def test_sync_bn_trains_under_ddp_and_its_checkpoints_load_into_a_plain_model(di
     assert "train.sync_bn: 6 tdBN layers take their statistics over all 2 ranks" in done.stdout, done.stdout[-2000:]
     import timm
 
-    import models  # noqa: F401
+    import models.zoo  # noqa: F401  (registers the spiking networks)
 
     state = torch.load(sorted((tmp_path / "demo-digits" / "checkpoints").glob("step-*.pt"))[-1], weights_only=True)
     timm.create_model("spiking_resnet_tiny", T=4, num_classes=10, in_chans=1).load_state_dict(state["model"])

@@ -1,6 +1,7 @@
 """Tracker against the embedded SQLite store, and against endpoints that never answer."""
 from __future__ import annotations
 
+import atexit
 import enum
 import json
 import socket
@@ -203,6 +204,7 @@ def test_invalid_metric_names_are_refused_at_the_call(runs_root, key):
     tracker.close()
 
 
+@pytest.mark.slow
 def test_config_module_imports_neither_torch_nor_mlflow():
     """The config schema imports TrackingConfig; loading a config must not pay for torch/MLflow."""
     heavy = ("torch", "mlflow", "timm", "ffcv", "triton", "deepspeed")
@@ -262,6 +264,26 @@ def test_unreachable_server_costs_training_nothing_and_replay_delivers_everythin
     assert run.info.status == "FINISHED"
     assert [a.path for a in client.list_artifacts(run.info.run_id, "charts")] == ["charts/firing_rates.png"]
     assert replay(tmp_path / "offline") == 0  # nothing left: a second replay is a no-op
+
+
+def test_a_flush_while_the_store_fails_journals_the_unsent_records_so_a_kill_loses_none(runs_root, tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    run_dir = tmp_path / "killed"
+    tracker = Tracker.start(TrackingConfig(uri=dead, flush_interval_s=0.2, start_timeout_s=1), runs_root=tmp_path,
+                            run_dir=run_dir, run_name="killed", run_id=None, enabled=True, tags={})
+    for step in range(50):
+        tracker.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
+    tracker.flush()  # what the trainer does before each checkpoint
+    journal = [json.loads(line) for line in (run_dir / FALLBACK_NAME).read_text().splitlines()]
+    assert sum(len(r.get("metrics", [])) for r in journal if r["op"] == "metrics") == 50
+    # The process dies here (no close); the journal is sent where the store is now.
+    atexit.unregister(tracker.close)
+    assert replay(run_dir, db_uri(runs_root)) > 0
+    client = MlflowClient(db_uri(runs_root))
+    [run] = client.search_runs([client.get_experiment_by_name("spikescale").experiment_id],
+                               "attributes.run_name = 'killed'")
+    assert [s for s, _ in steps_and_values(client, run.info.run_id, "train/loss")] == list(range(50))
+    assert not (run_dir / FALLBACK_NAME).exists()
 
 
 def test_records_for_another_store_wait_for_replay_with_their_artifacts(runs_root, tmp_path):

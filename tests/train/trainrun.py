@@ -20,13 +20,14 @@ import subprocess
 import sys
 import tempfile
 import traceback
+import warnings
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "configs/demo_digits.yaml")
-_PRELOAD = ["train.engine", "train.evaluate", "tests.train.trainrun"]
+_PRELOAD = ["train.engine", "train.evaluate", "study.run", "data_pipelines.build", "tests.train.trainrun"]
 
 
 def free_port() -> int:
@@ -48,8 +49,8 @@ def train_env() -> dict[str, str]:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _run_python_m_train(argv: list[str], env: dict[str, str], out: str, err: str) -> None:
-    """The child: become `python -m train <argv>` in `env`, output into the files `out`/`err`."""
+def _run_python_m(module: str, argv: list[str], env: dict[str, str], out: str, err: str) -> None:
+    """The child: become `python -m <module> <argv>` in `env`, output into the files `out`/`err`."""
     os.chdir(REPO)
     os.environ.clear()
     os.environ.update(env)
@@ -63,9 +64,13 @@ def _run_python_m_train(argv: list[str], env: dict[str, str], out: str, err: str
     if "OMP_NUM_THREADS" in env:  # read by torch at import, i.e. in the fork server: apply it here
         import torch
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-    sys.argv = ["python -m train", *argv]
+    sys.argv = [f"python -m {module}", *argv]
+    # The fork server imported `module` already (preload); `python -m` would not have, so runpy's
+    # note that it runs a second copy as __main__ is ours to silence, not the user's to read.
+    warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package",
+                            category=RuntimeWarning)
     try:
-        runpy.run_module("train", run_name="__main__", alter_sys=True)
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -82,18 +87,19 @@ def _run_python_m_train(argv: list[str], env: dict[str, str], out: str, err: str
 
 
 class Started:
-    """A forked `python -m train`, with the part of `subprocess.Popen`'s interface tests use."""
+    """A forked `python -m <module>`, with the part of `subprocess.Popen`'s interface tests use."""
 
     _context = None
 
-    def __init__(self, argv: list[str], env: dict[str, str]):
+    def __init__(self, module: str, argv: list[str], env: dict[str, str]):
         if Started._context is None:
             Started._context = multiprocessing.get_context("forkserver")
             Started._context.set_forkserver_preload(_PRELOAD)
         self._dir = tempfile.TemporaryDirectory(prefix="trainrun-")
         self._out, self._err = (os.path.join(self._dir.name, n) for n in ("stdout", "stderr"))
-        self._process = Started._context.Process(target=_run_python_m_train,
-                                                 args=(argv, env, self._out, self._err), daemon=False)
+        self._process = Started._context.Process(target=_run_python_m,
+                                                 args=(module, argv, env, self._out, self._err))
+        self._module = module
         self._process.start()
         self.pid = self._process.pid
         self.returncode: int | None = None
@@ -107,7 +113,7 @@ class Started:
     def wait(self, timeout: float | None = None) -> int:
         self._process.join(timeout)
         if self.poll() is None:
-            raise subprocess.TimeoutExpired("python -m train", timeout)
+            raise subprocess.TimeoutExpired(f"python -m {self._module}", timeout)
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
@@ -133,7 +139,15 @@ class Started:
 
 def start(*overrides: str, env: dict[str, str] | None = None, config: str = DEMO) -> Started:
     """`python -m train --config <config> <overrides>` forked from the warm server, running."""
-    return Started(["--config", config, *overrides], {**train_env(), **(env or {})})
+    return Started("train", ["--config", config, *overrides], {**train_env(), **(env or {})})
+
+
+def run_module(module: str, *argv: str, env: dict[str, str] | None = None,
+               timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m <module> <argv>` forked from the warm server (train_env() + env), finished."""
+    run = Started(module, list(argv), {**train_env(), **(env or {})})
+    out, err = run.communicate(timeout)
+    return subprocess.CompletedProcess(["python", "-m", module, *argv], run.returncode, out, err)
 
 
 def train(*overrides: str, nproc: int = 1, timeout: int = 600, env: dict[str, str] | None = None,
@@ -143,10 +157,7 @@ def train(*overrides: str, nproc: int = 1, timeout: int = 600, env: dict[str, st
         return subprocess.run(train_command(*overrides, nproc=nproc, config=config), cwd=REPO,
                               env={**train_env(), **(env or {})}, capture_output=True, text=True,
                               timeout=timeout)
-    run = start(*overrides, env=env, config=config)
-    out, err = run.communicate(timeout)
-    return subprocess.CompletedProcess(["python", "-m", "train", "--config", config, *overrides],
-                                       run.returncode, out, err)
+    return run_module("train", "--config", config, *overrides, env=env, timeout=timeout)
 
 
 def metric_history(root: Path, key: str, experiment: str = "demo") -> list[tuple[int, float]]:

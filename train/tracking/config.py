@@ -37,16 +37,17 @@ class TrackingConfig:
     close_timeout_s: how long `close` waits for the queue to drain before writing the fallback.
     tags: extra run tags, e.g. `tracking.tags.sweep_id=...` set by the Slurm launcher.
     """
+    # "minimum": the bound train.config checks (this module stays stdlib-only, like the schema)
     uri: Optional[str] = None
     experiment: str = "spikescale"
-    log_every_steps: int = 50
+    log_every_steps: int = field(default=50, metadata={"minimum": 1})
     system_metrics: bool = False
-    system_metrics_interval_s: float = 10.0
-    flush_interval_s: float = 2.0
-    request_timeout_s: int = 5
-    retry_max_backoff_s: float = 30.0
-    start_timeout_s: float = 30.0
-    close_timeout_s: float = 15.0
+    system_metrics_interval_s: float = field(default=10.0, metadata={"minimum": 0.1})
+    flush_interval_s: float = field(default=2.0, metadata={"minimum": 0.01})
+    request_timeout_s: int = field(default=5, metadata={"minimum": 1})
+    retry_max_backoff_s: float = field(default=30.0, metadata={"minimum": 0.0})
+    start_timeout_s: float = field(default=30.0, metadata={"minimum": 0.0})
+    close_timeout_s: float = field(default=15.0, metadata={"minimum": 0.0})
     tags: Dict[str, str] = field(default_factory=dict)
 
 

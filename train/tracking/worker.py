@@ -42,6 +42,7 @@ class Worker:
         self._abandoned = False
         self._busy = False
         self._wake = False
+        self._journaled = False  # flush wrote the fallback file during this session
         self.failing: str | None = None  # why the last attempt failed; None while healthy
         self.latest_step: int | None = None
         self._system = None
@@ -69,12 +70,21 @@ class Worker:
 
     def flush(self) -> None:
         """Wait until everything queued is sent, unless the store is failing (then return);
-        at most `close_timeout_s`."""
+        at most `close_timeout_s`. While it is failing, what is unsent is journaled to the
+        fallback file as well, so that a SIGKILL after this point (the trainer flushes before
+        each checkpoint) loses no record that the checkpoint's position has passed."""
         with self._cond:
             self._wake = True
             self._cond.notify()
             self._cond.wait_for(lambda: (not self._pending and not self._busy and not self._wake)
                                 or self.failing is not None, timeout=self.cfg.close_timeout_s)
+            pending, failing = list(self._pending), self.failing
+        if pending and failing is not None:
+            write_fallback(self.fallback, self._sender.unsent(pending) if self._sender else pending)
+            self._journaled = True
+        elif not pending and self._journaled:  # the store took it all since: the journal is stale
+            self.fallback.unlink(missing_ok=True)
+            self._journaled = False
 
     def close(self) -> int:
         """Stop the thread after a last attempt (at most `close_timeout_s`); save what is still
@@ -88,6 +98,8 @@ class Worker:
             remaining = list(self._pending)
             self._pending.clear()
         if not remaining:
+            if self._journaled:
+                self.fallback.unlink(missing_ok=True)
             return 0
         unsent = self._sender.unsent(remaining) if self._sender else remaining
         write_fallback(self.fallback, unsent)
