@@ -3,7 +3,7 @@ a checkpoint every step, `run.deterministic=true`): whatever happens to a run, i
 weights, optimizer state and logged metric history of one that never stopped.
 
 (a) SIGKILL at five random steps of one run, each resumed; every sample trained once per epoch,
-    in the uninterrupted order (the samples are recorded, see `RECORDING_TRAINER`);
+    in the uninterrupted order (the samples are recorded: tests/train/recording_trainer.py);
 (b) the newest checkpoint zeroed: the previous one is loaded, with one warning line;
 (c) the disk fills while a checkpoint is written (a small tmpfs);
 (d) the MLflow server killed mid-run and restarted;
@@ -20,7 +20,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.train.mlflow_fixtures import MlflowServer
 from tests.train.test_reproducible import assert_identical, final_state
-from tests.train.trainrun import DEMO, REPO, train, train_command, train_env
+from tests.train.trainrun import DEMO, Started, train, train_env
 from train import REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow
@@ -41,30 +40,6 @@ BATCH = 32  # the demo config's
 STEPS_PER_EPOCH = 44  # 1437 training digits // BATCH
 EPOCHS = 2
 TIMING_METRICS = ("train/images_per_s",)  # values depend on the clock: compared by step only
-
-# `python -m train`, with the loader's `iterate` wrapped to append, per training batch it hands
-# the trainer, "<epoch> <batch> <index>:<hash of the sample's tensor> ..." to $SAMPLES_LOG (a
-# line is written before the batch is trained on). The trainer has no hook that reports the
-# samples it trains on; this relies on EpochLoader.iterate and EpochLoader.order.
-RECORDING_TRAINER = """
-import hashlib, os, runpy, sys
-from data_pipelines.loaders import EpochLoader
-plain = EpochLoader.iterate
-def iterate(self, epoch, start_batch=0):
-    order = self.order(epoch)
-    with open(os.environ["SAMPLES_LOG"], "a") as log:
-        for i, (x, y) in enumerate(plain(self, epoch, start_batch), start=start_batch):
-            if self.train:
-                ids = order[i * self.batch_size:(i + 1) * self.batch_size]
-                digest = (hashlib.blake2b(s.numpy().tobytes(), digest_size=4).hexdigest() for s in x)
-                log.write(f"{epoch} {i} {' '.join(f'{n}:{d}' for n, d in zip(ids, digest))}\\n")
-                log.flush()
-            yield x, y
-EpochLoader.iterate = iterate
-sys.argv = ["python -m train", *sys.argv[1:]]
-runpy.run_module("train", run_name="__main__", alter_sys=True)
-"""
-
 
 def run_args(root: Path, digits: Path, *extra: str) -> list[str]:
     # val_batch_size=1 stretches each evaluation to ~2 s, the window test (e) signals into.
@@ -125,29 +100,39 @@ def stitched(parts: list[tuple[list[Sample], tuple[int, int] | None]]) -> list[S
 
 
 class TrainProcess:
-    """`python -m train` in a process of its own, its stdout read as it comes, stderr to a file;
-    with `samples`, through RECORDING_TRAINER writing to that file."""
+    """`python -m train` forked from the warm server (tests/train/trainrun.py), its stdout read
+    as it comes; with `samples`, through tests/train/recording_trainer.py writing to that file."""
 
     started: list["TrainProcess"] = []  # for `no_stray_trainers`
 
     def __init__(self, args: list[str], workdir: Path, samples: Path | None = None):
         workdir.mkdir(parents=True, exist_ok=True)
-        cmd = train_command(*args)
         env = train_env()
         if samples is not None:
-            cmd = [sys.executable, "-c", RECORDING_TRAINER, "--config", DEMO, *args]
             env["SAMPLES_LOG"] = str(samples)
-        self.err_path = workdir / f"stderr-{time.monotonic_ns()}.txt"
-        with open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        module = "train" if samples is None else "tests.train.recording_trainer"
+        self.proc = Started(module, ["--config", DEMO, *args], env)
         self.lines: list[tuple[float, str]] = []  # (time.monotonic() it was read, line)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         TrainProcess.started.append(self)
 
     def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append((time.monotonic(), line.rstrip("\n")))
+        """Tail the child's stdout file until the child has exited and the file is read."""
+        with open(self.proc.stdout_path, "a+") as f:
+            f.seek(0)
+            partial = ""
+            while True:
+                exited = self.proc.poll() is not None
+                chunk = f.read()
+                partial += chunk
+                *complete, partial = partial.split("\n")
+                now = time.monotonic()
+                self.lines.extend((now, line) for line in complete)
+                if exited and not chunk:
+                    break
+                if not chunk:
+                    time.sleep(0.005)
 
     @property
     def stdout(self) -> str:
@@ -155,7 +140,7 @@ class TrainProcess:
 
     @property
     def stderr(self) -> str:
-        return self.err_path.read_text()
+        return self.proc.output()[1]
 
     def wait_for_line(self, pattern: str, timeout: float = 300) -> float:
         """When the first stdout line matching `pattern` was read."""

@@ -55,7 +55,7 @@ def _run_python_m(module: str, argv: list[str], env: dict[str, str], out: str, e
     os.environ.clear()
     os.environ.update(env)
     for path, fd in ((out, 1), (err, 2)):
-        with open(path, "w") as f:
+        with open(path, "a") as f:  # created empty by the parent, which may be reading it already
             os.dup2(f.fileno(), fd)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
@@ -97,6 +97,9 @@ class Started:
             Started._context.set_forkserver_preload(_PRELOAD)
         self._dir = tempfile.TemporaryDirectory(prefix="trainrun-")
         self._out, self._err = (os.path.join(self._dir.name, n) for n in ("stdout", "stderr"))
+        for path in (self._out, self._err):
+            open(path, "w").close()
+        self.stdout_path = self._out  # for tests that read the output as it comes
         self._process = Started._context.Process(target=_run_python_m,
                                                  args=(module, argv, env, self._out, self._err))
         self._module = module
