@@ -1,4 +1,5 @@
-"""DDP and DeepSpeed (ZeRO-1/2) follow the single-process loss trajectory at the same global batch.
+"""DDP and DeepSpeed (ZeRO-1/2) follow the single-process loss trajectory at the same global batch;
+the single-process strategy, in process, does what the step loop relies on (bottom of the file).
 
 Two CPU ranks with gloo, 16 samples each, against one process with 32. tdBN statistics are
 per rank (16 vs 32 samples), so the trajectories agree closely but not bit for bit; the bound
@@ -65,3 +66,54 @@ def test_sync_bn_trains_under_ddp_and_its_checkpoints_load_into_a_plain_model(di
 
     state = torch.load(sorted((tmp_path / "demo-digits" / "checkpoints").glob("step-*.pt"))[-1], weights_only=True)
     timm.create_model("spiking_resnet_tiny", T=4, num_classes=10, in_chans=1).load_state_dict(state["model"])
+
+
+# The single-process strategy in process: what the step loop relies on.
+
+def torch_strategy(*overrides: str):
+    from train.config import load_config
+    from train.distributed import DistEnv
+    from train.strategies import TorchStrategy
+
+    cfg = load_config("configs/demo_digits.yaml", list(overrides))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
+    return TorchStrategy(cfg, DistEnv(0, 1, 0, torch.device("cpu")), model, optimizer, scheduler)
+
+
+def test_accumulated_micro_batches_step_like_one_batch_of_their_mean_loss():
+    whole, parts = torch_strategy(), torch_strategy("optim.accumulate=2")
+    x = torch.randn(8, 4)
+    with whole.forward() as forward:
+        whole.backward(forward(x).square().mean())
+    whole.step()
+    for half in (x[:4], x[4:]):
+        with parts.forward(sync=half is x[4:]) as forward:
+            parts.backward(forward(half).square().mean())
+    stats = parts.step()
+    assert torch.allclose(whole.module.weight, parts.module.weight, atol=1e-6)
+    assert stats["grad_norm"] > 0 and parts.lr() == 0.05  # the schedule advanced once
+
+
+def test_clipping_bounds_the_update_and_a_skipped_step_changes_nothing():
+    s = torch_strategy("optim.grad_clip=0.01")
+    before = s.module.weight.detach().clone()
+    with s.forward() as forward:
+        s.backward(forward(torch.full((2, 4), 100.0)).sum())
+    s.skip_step()
+    assert s.module.weight.grad is None and torch.equal(s.module.weight, before) and s.lr() == 0.1
+    with s.forward() as forward:
+        s.backward(forward(torch.full((2, 4), 100.0)).sum())
+    stats = s.step()
+    # the weight's update is at most lr x the clipped norm (which it shares with the bias)
+    assert stats["grad_norm"] > 1 and (s.module.weight - before).norm() <= 0.1 * 0.01 + 1e-6
+
+
+def test_bf16_forward_runs_under_autocast_and_the_parts_are_what_a_checkpoint_needs():
+    s = torch_strategy("train.precision=bf16")
+    with s.forward() as forward:
+        assert forward(torch.randn(2, 4)).dtype == torch.bfloat16
+    parts, sharded = s.state()
+    assert set(parts) == {"model", "optimizer", "scheduler", "scaler"} and sharded is None
