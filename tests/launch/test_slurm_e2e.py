@@ -68,18 +68,19 @@ def test_usr2_checkpoints_requeues_and_resumes_in_the_same_mlflow_run_without_re
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [1, 2]
 
 
-def test_two_by_two_sweep_is_four_runs_in_one_experiment_tagged_with_the_sweep_id(slurm_cluster, digits, tmp_path):
-    stdout, jobs = submit_demo(tmp_path, digits, "--sweep", "optim.lr=0.05,0.1", "--sweep", "data.batch_size=32,64",
-                               "optim.epochs=1", "tracking.experiment=sweep")
-    assert len(jobs) == 4 and len({j.split("_")[0] for j in jobs}) == 1, stdout  # one job array
-    records = wait_until_done(jobs[0], 300, count=4)
+def test_sweep_is_a_job_array_of_runs_in_one_experiment_tagged_with_the_sweep_id(slurm_cluster, digits, tmp_path):
+    # Two points keep it short; the cartesian product of several --sweep keys is tested in
+    # tests/launch/test_submit.py.
+    stdout, jobs = submit_demo(tmp_path, digits, "--sweep", "optim.lr=0.05,0.1", "optim.epochs=1",
+                               "tracking.experiment=sweep")
+    assert len(jobs) == 2 and len({j.split("_")[0] for j in jobs}) == 1, stdout  # one job array
+    records = wait_until_done(jobs[0], 300, count=2)
     assert {r["JobState"] for r in records.values()} == {"COMPLETED"}, records
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
-    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
-    assert len({r.info.run_name for r in runs}) == 4
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len({r.info.run_name for r in runs}) == 2
     [sweep_id] = {r.data.tags["sweep_id"] for r in runs}
     assert f"sweep {sweep_id}" in stdout
-    assert {(r.data.params["optim.lr"], r.data.params["data.batch_size"]) for r in runs} == {
-        ("0.05", "32"), ("0.05", "64"), ("0.1", "32"), ("0.1", "64")}
+    assert {r.data.params["optim.lr"] for r in runs} == {"0.05", "0.1"}
