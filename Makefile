@@ -52,13 +52,19 @@ study: $(STAMP) $(DEMO_DATA)/train.beton $(SEQ_DATA)/train.beton
 	$(PY) -m study run --config configs/study_seqdigits.yaml data.path=$(SEQ_DATA); b=$$?; \
 	exit $$(( a || b ))
 
+# Two pytest-xdist workers: single-process trainer runs use one thread each, and much of an
+# end-to-end test is waiting (process start, Slurm scheduling, a server coming up), so two tests at
+# once keep a 2-core CI machine busy. Tests on a Slurm cluster all go to one worker (loadgroup).
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 # The inner loop: everything but the tests that start a process, a server or a cluster (marked
 # `slow`); `make test` (and CI) runs those too.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # SpikingJelly 2.0 is the anchor the benchmarks compare against (pure-Python wheels).
 bench: $(STAMP)

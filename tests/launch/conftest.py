@@ -1,7 +1,11 @@
 """Real Slurm clusters for the launch tests, started by slurm/local-cluster/start in a fresh
 directory on free ports and stopped by slurm/local-cluster/stop: one node for the session, two
 nodes (network namespaces) for the module that runs a 2-node job. Tests that need one skip, with
-the reason, when Slurm is not installed, we are not root, or the cluster does not come up."""
+the reason, when Slurm is not installed, we are not root, or the cluster does not come up.
+
+`make test` runs the suite on two pytest-xdist workers; every test that uses a cluster is sent to
+one of them (`xdist_group`), so one session cluster serves them all and the two-node cluster's
+network namespaces are never set up twice at once."""
 from __future__ import annotations
 
 import contextlib
@@ -57,6 +61,16 @@ def local_cluster(nodes: int) -> Iterator[Cluster]:
             os.environ["SLURM_CONF"] = previous
         subprocess.run([CLUSTER_SCRIPTS / "stop"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(cluster_dir, ignore_errors=True)
+
+
+CLUSTER_FIXTURES = {"slurm_cluster", "two_node_cluster"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the group marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 @pytest.fixture(scope="session")
