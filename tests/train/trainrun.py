@@ -12,6 +12,7 @@ and a few tests still start `python -m train` itself (`train_command`) to keep t
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
 import runpy
 import signal
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -106,15 +108,20 @@ class Started:
         self._process.start()
         self.pid = self._process.pid
         self.returncode: int | None = None
+        self._lock = threading.Lock()
 
     def poll(self) -> int | None:
-        if self.returncode is None and not self._process.is_alive():
-            self._process.join()
-            self.returncode = self._process.exitcode
+        # One thread at a time: multiprocessing reads the exit code from the fork server's pipe,
+        # and a second thread reading it at once (a test's stdout reader polls while the test
+        # waits) finds the pipe empty and records 255.
+        with self._lock:
+            if self.returncode is None and not self._process.is_alive():
+                self._process.join()
+                self.returncode = self._process.exitcode
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        self._process.join(timeout)
+        multiprocessing.connection.wait([self._process.sentinel], timeout)
         if self.poll() is None:
             raise subprocess.TimeoutExpired(f"python -m {self._module}", timeout)
         return self.returncode
