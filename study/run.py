@@ -55,14 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from train.engine import run  # torch, timm, FFCV: only once the config is known to be good
+    from train.engine import run_reporting_errors  # torch, timm, FFCV: only once the config is known to be good
 
     started, failed = time.perf_counter(), []
     for i, (name, overrides) in enumerate(runs, start=1):
         print(f"[study {sweep_id}] {i}/{len(runs)} {name}", flush=True)
         keys = {o.partition("=")[0] for o in overrides}
         try:
-            code = run(load_config(args.config, overrides), cli_keys=keys)
+            code = run_reporting_errors(load_config(args.config, overrides), cli_keys=keys)
         except Exception:  # one variant's crash must not lose the others: report it, go on
             traceback.print_exc()
             code = 1

@@ -49,7 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        return run(cfg, cli_keys={o.partition("=")[0] for o in args.overrides})
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    return run_reporting_errors(cfg, cli_keys={o.partition("=")[0] for o in args.overrides})
+
+
+def run_reporting_errors(cfg: Config, cli_keys: set[str] = frozenset()) -> int:
+    """`run`, with an error the user can act on as one line on stderr and its exit code (2 for the
+    config, the data or another model's checkpoint; 1 for a full disk) instead of a traceback."""
+    try:
+        return run(cfg, cli_keys)
     except (ConfigError, DataError, CheckpointMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE

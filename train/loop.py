@@ -24,7 +24,7 @@ from torch import nn
 
 from models.firing import capture_spike_totals, mean_firing_rate
 from train import distributed, measure
-from train.checkpoints import Checkpointer, rng_state, set_rng_state, write_atomically
+from train.checkpoints import Checkpointer, CheckpointWriteError, rng_state, set_rng_state, write_atomically
 from train.config import Config, ConfigError, changed_keys, config_hash, to_dict
 from train.strategies import Strategy
 
@@ -119,7 +119,7 @@ class Trainer:
             while s.epoch < self.cfg.optim.epochs:
                 self.train_epoch(stop)
                 self.end_epoch()  # advances s.epoch, saves
-                _, stopping = agree(torch.zeros((), device=self.env.device), stop, self.env.world_size)
+                stopping = any_rank(stop.received is not None, self.env.device)
                 if stopping and s.epoch < self.cfg.optim.epochs:
                     raise requeue(stop, s.global_step)  # the signal came during the evaluation
             self.finish()
@@ -201,8 +201,18 @@ class Trainer:
         so they must be in the store (or, while it is failing, in the fallback file)."""
         self.tracker.flush()
         self.state.mlflow_run_id = self.tracker.run_id  # known once the store answered
-        self.ckpt.save(self.state.global_step)
-        distributed.barrier()
+        self.on_every_rank(lambda: self.ckpt.save(self.state.global_step))
+
+    def on_every_rank(self, write: Callable[[], Any]) -> None:
+        """Rank 0 writes, every rank waits for it; a failed write (a full disk) stops every rank,
+        where a bare barrier would leave the others waiting for a rank that has left."""
+        failed = None
+        try:
+            write()
+        except CheckpointWriteError as e:
+            failed = e
+        if any_rank(failed is not None, self.env.device):
+            raise failed or CheckpointWriteError(f"rank 0 could not write to {self.ckpt.dir} (its log says why)")
 
     def end_epoch(self) -> None:
         st = self.state
@@ -218,7 +228,7 @@ class Trainer:
         self.tracker.log_metrics({**metrics, "epoch": st.epoch}, step=st.epoch)
         self.tracker.log_firing_chart(st.firing_history)
         if is_best:  # every rank: ZeRO-3 gathers the weights; rank 0 writes them
-            self.ckpt.save_best(self.p.strategy.model_state_dict())
+            self.on_every_rank(lambda: self.ckpt.save_best(self.p.strategy.model_state_dict()))
         self.save()
         log(self.env, epoch_line(st.epoch, self.cfg.optim.epochs, metrics))
 
@@ -274,6 +284,11 @@ def agree(loss: torch.Tensor, stop: Any, world_size: int) -> tuple[bool, bool]:
                          torch.tensor(float(stop.received is not None), dtype=torch.float64, device=loss.device)])
     finite, stops = distributed.all_reduce_sum(flags).tolist()
     return finite == world_size, stops > 0
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is true on some rank (an all-reduce: every rank calls it)."""
+    return distributed.all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float64, device=device)).item() > 0
 
 
 def counts(loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,16 @@ def test_study_run_trains_evaluates_and_reports_the_grid_then_resumes(seqdigits_
     assert again.stdout.count("run already complete") == 2 and again.stdout.count("is up to date") == 2
     assert "evaluated" not in again.stdout
 
+    # The study's YAML changed under its finished runs: each variant refuses to resume in one line
+    # (not a traceback), the study goes on to the next and says which failed.
+    changed = tmp_path / "changed.yaml"
+    changed.write_text("optim:\n  lr: 0.05\n")
+    refused = study_run(*args[:4], "--config", str(changed), *args[4:])
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr
+    assert refused.stderr.count("error: ") == 2 and refused.stderr.count("optim.lr") == 2
+    assert refused.stdout.count("failed (exit 2); going on") == 2
+
 
 def test_a_bad_grid_value_stops_before_anything_runs(tmp_path):
     grid = tmp_path / "grid.yaml"

@@ -341,6 +341,26 @@ def test_a_disk_filling_during_a_checkpoint_write_leaves_the_previous_checkpoint
         assert len(errors) == 1 and str(small_disk) in errors[0], run.stderr[-3000:]
 
 
+def test_two_ranks_on_a_full_disk_both_stop_with_an_error_line_instead_of_waiting_at_a_barrier(
+        digits_dir, small_disk, tmp_path):
+    """DDP, 2 ranks, rank 0's first checkpoint write finds the disk full: rank 0 says so in one
+    line naming the disk, rank 1 (which writes nothing) stops too instead of waiting for rank 0 at
+    the checkpoint's barrier until the process group times out (30 min)."""
+    root = small_disk / "runs"
+    disk = os.statvfs(small_disk)
+    with open(small_disk / "filler", "wb") as f:
+        for _ in range((disk.f_bavail * disk.f_frsize - 64 * 1024) // 2**16):
+            f.write(bytes(2**16))
+    done = train(*run_args(root, digits_dir, f"tracking.uri={store(tmp_path)}", "optim.epochs=1"),
+                 nproc=2, timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, done.stderr[-3000:]
+    assert any(str(small_disk) in e and "No space left" in e for e in errors), errors
+    assert any("rank 0 could not write" in e for e in errors), errors
+    assert not checkpoint_steps(root) and not list(checkpoints(root).glob("*.tmp"))
+
+
 def test_the_mlflow_server_killed_mid_run_and_restarted_ends_with_every_metric_point_of_an_uninterrupted_run(
         reference, digits_dir, tmp_path):
     """The server is killed (process group, SIGKILL) after a random checkpoint, the trainer runs
