@@ -1,7 +1,6 @@
 """Fixtures shared across rooms, built once per session: the embedded digits, and small data sets
 in the real formats with augmentation (CIFAR-10 pickles, an ImageFolder of JPEGs, N-MNIST events)."""
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,19 +17,13 @@ NMNIST_T = 4  # frames per recording of small_nmnist
 
 
 def pytest_configure(config):
-    """One Inductor cache per test session, shared by its xdist workers and the runs they start.
-    The default cache (/tmp/torchinductor_<user>) outlives sessions, and kernels cached under
-    another vector ISA (ATEN_CPU_CAPABILITY=avx2, as on CPUs without AVX-512) were loaded for
-    the wrong one: compiled losses off by 3e-3 and 'tuple args required' errors in the kernel.
-    An explicit TORCHINDUCTOR_CACHE_DIR is kept."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ and not hasattr(config, "workerinput"):
-        config.inductor_cache = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ss-inductor-")
-
-
-def pytest_unconfigure(config):
-    if getattr(config, "inductor_cache", None):
-        shutil.rmtree(config.inductor_cache, ignore_errors=True)
-        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    """The tests' Inductor cache, one per vector ISA. With the default one
+    (/tmp/torchinductor_<user>), kernels compiled under one ISA were loaded under another after
+    ATEN_CPU_CAPABILITY=avx2 (as on CPUs without AVX-512): compiled losses off by 3e-3 and
+    'tuple args required' errors from the kernels. An explicit TORCHINDUCTOR_CACHE_DIR is kept;
+    xdist workers and the runs the tests start inherit it."""
+    isa = os.environ.get("ATEN_CPU_CAPABILITY", "native")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"spikescale-inductor-{isa}"))
 
 
 @pytest.fixture(scope="session")
