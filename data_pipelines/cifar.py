@@ -4,19 +4,23 @@ Input: the extracted `cifar-10-batches-py/` (data_batch_1..5, test_batch, batche
 `cifar-100-python/` (train, test, meta), or a directory holding one of them. Each batch is a
 pickled dict with b"data" (uint8 `[N, 3072]`, the 1024 R then G then B values of a 32x32 image,
 row-major) and b"labels" (CIFAR-10) or b"fine_labels" (CIFAR-100). Val = the test batch.
+
+FFCV is imported inside the builder and the pipelines: the registry imports this module for its
+specs when a config is checked, on a login node too.
 """
 
 from __future__ import annotations
 
+import argparse
 import pickle
 from pathlib import Path
 
 import numpy as np
-from ffcv.fields import IntField, RGBImageField
 
-from .common import (FORMAT_VERSION, META_FILE, TRAIN_FILE, VAL_FILE, DataError, eprint,
-                     staged_output, summary_line, write_json, write_report)
-from .writer import ArraySamples, write_beton
+from .common import (TRAIN_FILE, VAL_FILE, DataError, eprint, staged_output, summary_line,
+                     write_report)
+from .meta import Meta
+from .spec import DatasetSpec, PipelineArgs
 
 LAYOUT = {
     "cifar10": {"dir": "cifar-10-batches-py", "meta": "batches.meta", "names": b"label_names",
@@ -79,33 +83,68 @@ def load_cifar(dataset: str, src: Path) -> tuple[dict, list[str], list[tuple[str
     return splits, names, skipped
 
 
-def build_cifar(dataset: str, src: Path, out: Path, workers: int) -> dict:
-    """Write CIFAR-10/100 to `out` in raw mode (lossless); returns the meta dict."""
+def build_cifar(dataset: str, src: Path, out: Path, workers: int) -> Meta:
+    """Write CIFAR-10/100 to `out` in raw mode (lossless); returns its Meta."""
+    from ffcv.fields import IntField, RGBImageField
+
+    from .writer import ArraySamples, write_beton
+
     splits, names, skipped = load_cifar(dataset, src)
     train_pixels = splits["train"][0].reshape(-1, 3).astype(np.float64)
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "dataset": dataset,
-        "source": str(src),
-        "num_classes": len(names),
-        "classes": names,
-        "in_chans": 3,
-        "height": 32,
-        "width": 32,
-        "T": None,
-        "counts": {split: int(len(labels)) for split, (_, labels) in splits.items()},
-        "skipped": len(skipped),
-        "image_field": "rgb",
-        "write_mode": "raw",
+    meta = Meta(
+        dataset=dataset, source=str(src), num_classes=len(names), classes=names, in_chans=3,
+        height=32, width=32, T=None,
+        counts={split: int(len(labels)) for split, (_, labels) in splits.items()},
+        skipped=len(skipped),
         # Per-channel statistics of this training set, in 0..255 units.
-        "mean": train_pixels.mean(axis=0).tolist(),
-        "std": train_pixels.std(axis=0).tolist(),
-    }
+        mean=train_pixels.mean(axis=0).tolist(), std=train_pixels.std(axis=0).tolist(),
+        details={"image_field": "rgb", "write_mode": "raw"})
     fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}
     with staged_output(out) as stage:
         for split, name in (("train", TRAIN_FILE), ("val", VAL_FILE)):
             write_beton(stage / name, fields, ArraySamples(*splits[split]), workers, chunksize=500)
         write_report(stage, skipped)
-        write_json(stage / META_FILE, meta)
-    print(summary_line(dataset, out, meta["counts"], len(skipped)))
+        meta.write(stage)
+    print(summary_line(dataset, out, meta.counts, len(skipped)))
     return meta
+
+
+def rgb_pipelines(p: PipelineArgs, decode: list) -> dict[str, list]:
+    """Decoded uint8 HWC images -> float32 `[B, 3, H, W]` (channels-last strides), normalised
+    with meta's mean/std: on a GPU the uint8 crosses and the GPU normalises; on the CPU FFCV's
+    table lookup normalises inside the parallel decode stage instead. Shared with imagenet.py."""
+    from .stages import NormalizeImage, NormalizeToFloat, ToDevice, ToTensor, ToTorchImage, label
+
+    mean, std = p.meta.mean, p.meta.std
+    if p.device.type == "cuda":
+        image = [*decode, ToTensor(), ToDevice(p.device, non_blocking=True), ToTorchImage(),
+                 NormalizeToFloat(mean, std, channels_last=True)]
+    else:
+        image = [*decode, NormalizeImage(np.array(mean), np.array(std), np.float32), ToTensor(),
+                 ToTorchImage()]
+    return {"image": image, "label": label(p.device)}
+
+
+def train_pipelines(p: PipelineArgs) -> dict[str, list]:
+    """Random flip, then a random shift of up to `translate` px (the pad-and-crop)."""
+    from .stages import RandomHorizontalFlipInPlace, RandomTranslateInPlace, SimpleRGBImageDecoder
+
+    flip = [RandomHorizontalFlipInPlace(p.key)] if p.flip else []
+    translate = [RandomTranslateInPlace(p.key, p.translate)] if p.translate else []
+    return rgb_pipelines(p, [SimpleRGBImageDecoder(), *flip, *translate])
+
+
+def val_pipelines(p: PipelineArgs) -> dict[str, list]:
+    from .stages import SimpleRGBImageDecoder
+
+    return rgb_pipelines(p, [SimpleRGBImageDecoder()])
+
+
+def _build(args: argparse.Namespace, workers: int) -> Meta:
+    return build_cifar(args.dataset, args.src, args.out, workers)
+
+
+CIFAR10, CIFAR100 = (DatasetSpec(
+    name=name, kind="image", help=f"{title} python pickle batches ({LAYOUT[name]['dir']})",
+    build=_build, train=train_pipelines, val=val_pipelines, flip=True, translate=4)
+    for name, title in (("cifar10", "CIFAR-10"), ("cifar100", "CIFAR-100")))

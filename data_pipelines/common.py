@@ -28,24 +28,12 @@ CLASSES_FILE = "classes.json"
 REPORT_FILE = "skipped.txt"
 OUTPUT_FILES = (TRAIN_FILE, VAL_FILE, META_FILE)
 
-#: The data sets this package builds and loads (`DataConfig.dataset`, the builder's first argument).
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "dvs", "seqdigits")
-
-#: Data sets built from data a Python package ships: their builder takes no --src.
-EMBEDDED_DATASETS = ("digits", "seqdigits")
-
 #: Version of the layout above, recorded in meta.json so a loader can refuse a stale build.
 FORMAT_VERSION = 1
 
 
 class DataError(Exception):
     """A problem the user can fix (missing files, bad option); the message is one line."""
-
-
-def build_command(dataset: str, out: str | Path) -> str:
-    """The shell command that builds `dataset` into `out` (quoted in error messages)."""
-    src = "" if dataset in EMBEDDED_DATASETS else " --src SRC"
-    return f"python -m data_pipelines.build {dataset}{src} --out {out}"
 
 
 def available_cores() -> int:
@@ -71,25 +59,6 @@ def resolve_workers(requested: int) -> int:
     """Worker count: `requested` if positive, all available cores if <= 0, never more than those."""
     cores = available_cores()
     return cores if requested <= 0 else min(requested, cores)
-
-
-def read_meta(directory: str | Path, dataset_hint: str = "DATASET") -> dict:
-    """Load `meta.json` of a built data set, raising `DataError` naming the build command."""
-    directory = Path(directory)
-    meta_path = directory / META_FILE
-    if not meta_path.is_file():
-        raise DataError(f"no built data set at {directory} ({meta_path} is missing); "
-                        f"build it with: {build_command(dataset_hint, directory)}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{meta_path} is unreadable ({e}); rebuild with "
-                        f"{build_command(dataset_hint, directory)} --force") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{meta_path} has format version {meta.get('format_version')}, this code "
-                        f"reads {FORMAT_VERSION}; rebuild with "
-                        f"{build_command(meta.get('dataset', dataset_hint), directory)} --force")
-    return meta
 
 
 def is_built(directory: str | Path) -> bool:

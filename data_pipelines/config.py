@@ -1,11 +1,14 @@
 """The `data:` section of a run config and its checks: stdlib only, so that the config schema
-(and `launch.submit` on a login node) reads it without importing FFCV, numba or torch."""
+(and `launch.submit` on a login node) reads it without importing FFCV, numba or torch. Which
+keys apply to which data set, and their defaults, come from the data set's spec (registry.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
-from .common import DATASETS, DataError
+from .common import DataError
+from .registry import DATASETS, spec
+from .spec import DatasetSpec
 
 
 @dataclass
@@ -16,7 +19,7 @@ class DataConfig:
     except `flip`/`translate` whose `None` means "the data set's default".
     """
 
-    dataset: str = "digits"       # digits | cifar10 | cifar100 | imagenet | dvs | seqdigits
+    dataset: str = field(default="digits", metadata={"choices": DATASETS})  # registry.py's names
     path: str = "data/digits"     # directory with train.beton, val.beton, meta.json
     batch_size: int = 64          # per rank
     val_batch_size: int = 0       # per rank; 0 = batch_size
@@ -27,25 +30,16 @@ class DataConfig:
     min_resolution: int = 0       # imagenet progressive resizing: start size (0 = off)
     ramp_start_epoch: int = 0     # progressive resizing: last epoch at min_resolution
     ramp_end_epoch: int = 0       # progressive resizing: first epoch at resolution
-    flip: Optional[bool] = None   # random horizontal flip in training (None: images yes, else no)
+    flip: Optional[bool] = None   # random horizontal flip in training (None: the data set's
+    #                               default: cifar, imagenet yes; dvs no; others do not flip)
     translate: Optional[int] = None  # random shift up to N px in training, cifar/dvs
-    #                                  (None: cifar 4 = the usual pad-4 random crop, else 0)
-
-
-def default_flip(dataset: str) -> bool:
-    """Flip natural images; never digits or event data (gesture classes are left/right pairs)."""
-    return dataset in ("cifar10", "cifar100", "imagenet")
-
-
-def default_translate(dataset: str) -> int:
-    """CIFAR's standard augmentation is a 32 px crop of the 4-px padded image."""
-    return 4 if dataset in ("cifar10", "cifar100") else 0
+    #                                  (None: the data set's default: cifar 4 = the usual
+    #                                  pad-4 random crop, dvs 0)
 
 
 def check_data_config(cfg: DataConfig) -> None:
     """Raises DataError (one line naming the key) for a value no data set accepts."""
-    if cfg.dataset not in DATASETS:
-        raise DataError(f"data.dataset={cfg.dataset!r} is not one of {', '.join(DATASETS)}")
+    data_set = spec(cfg.dataset)  # DataError naming the choices for an unknown name
     if not cfg.path.strip():
         raise DataError("data.path is empty: give the directory `python -m data_pipelines.build` wrote")
     if cfg.batch_size < 1 or cfg.val_batch_size < 0:
@@ -54,16 +48,21 @@ def check_data_config(cfg: DataConfig) -> None:
     imagenet_only = {"resolution": cfg.resolution, "val_resolution": cfg.val_resolution,
                      "min_resolution": cfg.min_resolution}
     for key, value in imagenet_only.items():
-        if value < 0 or (value and cfg.dataset != "imagenet"):
-            raise DataError(f"data.{key}={value}: only imagenet images are resized "
+        if value < 0 or (value and data_set.resolution is None):
+            raise DataError(f"data.{key}={value}: only {_sets(lambda s: s.resolution is not None)} images are resized "
                             f"(leave it 0 for {cfg.dataset})")
     if cfg.min_resolution and cfg.ramp_end_epoch < cfg.ramp_start_epoch:
         raise DataError(f"data.ramp_end_epoch={cfg.ramp_end_epoch} is before "
                         f"data.ramp_start_epoch={cfg.ramp_start_epoch}")
-    if cfg.flip and cfg.dataset in ("digits", "seqdigits"):
-        raise DataError(f"data.flip=true: handwritten digits ({cfg.dataset}) are not "
-                        f"mirror-symmetric; flip applies to cifar10, cifar100, imagenet and dvs")
+    if cfg.flip and data_set.flip is None:
+        raise DataError(f"data.flip=true: {data_set.no_flip_reason or cfg.dataset + ' is not flipped'}; "
+                        f"flip applies to {_sets(lambda s: s.flip is not None)}")
     if cfg.translate is not None and (cfg.translate < 0 or (
-            cfg.translate and cfg.dataset not in ("cifar10", "cifar100", "dvs"))):
+            cfg.translate and data_set.translate is None)):
         raise DataError(f"data.translate={cfg.translate}: random translation applies to "
-                        f"cifar10, cifar100 and dvs only")
+                        f"{_sets(lambda s: s.translate is not None)} only")
+
+
+def _sets(applies: Callable[[DatasetSpec], bool]) -> str:
+    """The data sets whose spec `applies` to, for error messages: "cifar10, cifar100, dvs"."""
+    return ", ".join(name for name in DATASETS if applies(spec(name)))

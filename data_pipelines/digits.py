@@ -3,18 +3,22 @@
 Pixels are the data set's integer intensities 0..16, stored unchanged as uint8 `[1, 8, 8]`
 arrays, so a loaded batch times `std` plus `mean` (meta.json) gives back sklearn's values exactly.
 Split: stratified 80/20 with a fixed seed -> 1437 train, 360 val.
+
+FFCV (and the writer) are imported inside the builder and the pipelines: the registry imports
+this module for `SPEC` when a config is checked, on a login node too.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-from ffcv.fields import IntField, NDArrayField
+import argparse
 
-from .common import (FORMAT_VERSION, TRAIN_FILE, VAL_FILE, staged_output, summary_line,
-                     write_json)
-from .writer import MIN_PAGE_SIZE, ArraySamples, write_beton
+import numpy as np
+
+from .common import TRAIN_FILE, VAL_FILE, staged_output, summary_line
+from .meta import Meta
+from .spec import DatasetSpec, PipelineArgs
 
 SPLIT_SEED = 0
 VAL_FRACTION = 0.2
@@ -41,36 +45,48 @@ def load_split(seed: int = SPLIT_SEED) -> dict[str, tuple[np.ndarray, np.ndarray
             "val": (images[val_idx], labels[val_idx])}
 
 
-def build_digits(out: Path, workers: int) -> dict:
-    """Write the digits to `out` (train/val .beton + meta.json); returns the meta dict."""
+def build_digits(out: Path, workers: int) -> Meta:
+    """Write the digits to `out` (train/val .beton + meta.json); returns their Meta."""
+    from ffcv.fields import IntField, NDArrayField
+
+    from .writer import MIN_PAGE_SIZE, ArraySamples, write_beton
+
     splits = load_split()
     train_images = splits["train"][0].astype(np.float64)
     # One mean/std over all training pixels (a single channel), in stored units (0..16).
     mean, std = float(train_images.mean()), float(train_images.std())
     fields = {"image": NDArrayField(np.dtype("uint8"), (1, 8, 8)), "label": IntField()}
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "dataset": "digits",
-        "source": "sklearn.datasets.load_digits",
-        "num_classes": 10,
-        "classes": [str(d) for d in range(10)],
-        "in_chans": 1,
-        "height": 8,
-        "width": 8,
-        "T": None,
-        "counts": {split: int(len(labels)) for split, (_, labels) in splits.items()},
-        "skipped": 0,
-        "image_field": "ndarray",
-        "dtype": "uint8",
-        "pixel_max": PIXEL_MAX,
-        "mean": [mean],
-        "std": [std],
-        "split": {"method": "stratified", "val_fraction": VAL_FRACTION, "seed": SPLIT_SEED},
-    }
+    meta = Meta(
+        dataset="digits", source="sklearn.datasets.load_digits", num_classes=10,
+        classes=[str(d) for d in range(10)], in_chans=1, height=8, width=8, T=None,
+        counts={split: int(len(labels)) for split, (_, labels) in splits.items()},
+        dtype="uint8", pixel_max=PIXEL_MAX, mean=[mean], std=[std],
+        details={"image_field": "ndarray",
+                 "split": {"method": "stratified", "val_fraction": VAL_FRACTION, "seed": SPLIT_SEED}})
     with staged_output(out) as stage:
         for split, name in (("train", TRAIN_FILE), ("val", VAL_FILE)):
             write_beton(stage / name, fields, ArraySamples(*splits[split]), workers,
                         page_size=MIN_PAGE_SIZE)
-        write_json(stage / "meta.json", meta)
-    print(summary_line("digits", out, meta["counts"], 0))
+        meta.write(stage)
+    print(summary_line("digits", out, meta.counts, 0))
     return meta
+
+
+def pipelines(p: PipelineArgs) -> dict[str, list]:
+    """x: float32 `[B, 1, 8, 8]` normalised with meta's one mean/std; y: int64 `[B]`. The same in
+    training and validation (digits are neither flipped nor shifted)."""
+    from .stages import NDArrayDecoder, NormalizeToFloat, ToDevice, ToTensor, label
+
+    image = [NDArrayDecoder(), ToTensor(), ToDevice(p.device, non_blocking=True),
+             NormalizeToFloat(p.meta.mean, p.meta.std, channels_last=p.device.type == "cuda")]
+    return {"image": image, "label": label(p.device)}
+
+
+def _build(args: argparse.Namespace, workers: int) -> Meta:
+    return build_digits(args.out, workers)
+
+
+SPEC = DatasetSpec(
+    name="digits", kind="image", help="scikit-learn's handwritten digits (embedded demo set)",
+    build=_build, train=pipelines, val=pipelines, needs_src=False,
+    no_flip_reason="handwritten digits are not mirror-symmetric")

@@ -14,10 +14,25 @@ readers and frame binning, not the data set classes (which download when files l
 Each recording becomes int16 event counts `[T, 2, H, W]` (tonic's ToFrame): by default T bins
 holding equal numbers of events, or with `bin_by="time"` T bins of equal duration. Optional
 spatial downsampling (tonic's Downsample) maps the sensor to `size` px on its longer side.
+
+Frame duration (the paper's temporal-resolution shift: train on N-MNIST at 3 ms frames, test at
+1, 2, 5, 10 ms): with `frame_ms > 0` every recording is cut to one fixed time window,
+`[t0, t0 + window_ms)` from its first event t0, and binned into frames of `frame_ms` each (tonic's
+ToFrame with `time_window`), so T = window_ms / frame_ms; events after the window are dropped, and
+a recording that ends early gets empty trailing frames. Every duration covers the same window, so
+a recording holds the same events at 1 ms (T = 300) as at 10 ms (T = 30); only their grouping in
+time changes. `eval_frame_ms` writes one extra validation split per further duration (the same
+val recordings, the same window), named `val_<ms>ms` (`val_<ms>ms.beton`; ms written with
+Python's `:g`, e.g. `val_1ms`, `val_2.5ms`) and listed in meta.json's `eval_splits` (see
+`build_dvs`), so one checkpoint is evaluated at every duration without retraining.
+
+FFCV (and the writer) are imported inside the builder and the pipelines, tonic inside the
+readers: the registry imports this module for its spec when a config is checked.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -25,15 +40,20 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from ffcv.fields import IntField, NDArrayField
 from tqdm import tqdm
 
-from .common import (FORMAT_VERSION, META_FILE, TRAIN_FILE, VAL_FILE, DataError, staged_output,
-                     summary_line, write_json, write_report)
-from .writer import MIN_PAGE_SIZE, write_beton
+from .common import DataError, staged_output, summary_line, write_report
+from .meta import Meta
+from .spec import DatasetSpec, PipelineArgs
 
 DVS_SETS = ("nmnist", "dvsgesture", "cifar10dvs")
 BIN_BY = ("events", "time")
+
+#: Default time window per set when binning by frame duration, in ms: a multiple of every
+#: duration the paper uses (1, 2, 3, 5, 10 ms). N-MNIST's three ~100 ms saccades take ~300 ms in
+#: all; DVS Gesture recordings last ~6 s, of which 1.5 s holds several repetitions of a gesture;
+#: CIFAR10-DVS recordings last ~1.2-1.3 s.
+DEFAULT_WINDOW_MS = {"nmnist": 300.0, "dvsgesture": 1500.0, "cifar10dvs": 1200.0}
 
 
 @dataclass
@@ -45,6 +65,75 @@ class DvsOptions:
     bin_by: str = "events"       # events: equal event counts per frame; time: equal durations
     size: int = 0                # longer side after spatial downsampling in px (0 = sensor's)
     split_seed: int = 0          # CIFAR10-DVS train/val split
+    frame_ms: float = 0.0        # > 0: frames of this duration over window_ms; T = window / frame
+    window_ms: float = 0.0       # the fixed window binned by duration (0 = DEFAULT_WINDOW_MS)
+    eval_frame_ms: tuple[float, ...] = ()  # extra val splits at these durations (same window)
+
+
+def frame_count(window_ms: float, frame_ms: float, what: str = "--frame-ms") -> int:
+    """T = window_ms / frame_ms, both in ms; DataError unless both are whole microseconds and
+    the window is a whole number of frames (a partial last frame would hold fewer events)."""
+    window_us, frame_us = window_ms * 1000, frame_ms * 1000
+    if frame_ms <= 0 or window_ms <= 0 or frame_us != int(frame_us) or window_us != int(window_us):
+        raise DataError(f"{what} {frame_ms:g} / --window-ms {window_ms:g}: need positive "
+                        f"durations in whole microseconds")
+    if int(window_us) % int(frame_us):
+        raise DataError(f"{what} {frame_ms:g} does not divide --window-ms {window_ms:g}: the "
+                        f"window must be a whole number of frames")
+    return int(window_us) // int(frame_us)
+
+
+def eval_split_name(frame_ms: float) -> str:
+    """Name of the extra validation split at `frame_ms` ms: `val_<ms>ms` (file `<name>.beton`)."""
+    return f"val_{frame_ms:g}ms"
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """`python -m data_pipelines.build dvs`'s options (read back by `options_from`)."""
+    defaults = DvsOptions()
+    parser.add_argument("--set", dest="dvs_set", choices=DVS_SETS, required=True)
+    parser.add_argument("--T", type=int, default=None,
+                        help=f"frames per recording (default {defaults.T}; by --frame-ms, "
+                             f"T = window / frame)")
+    parser.add_argument("--bin-by", choices=BIN_BY, default=defaults.bin_by,
+                        help="equal event counts (default) or equal durations per frame")
+    parser.add_argument("--frame-ms", type=float, default=defaults.frame_ms,
+                        help="bin by frame duration: frames of FRAME_MS ms over a fixed window "
+                             "(instead of --T and --bin-by)")
+    parser.add_argument("--window-ms", type=float, default=defaults.window_ms,
+                        help="that window in ms from each recording's first event (default: "
+                             + ", ".join(f"{ms:g} {name}" for name, ms in DEFAULT_WINDOW_MS.items())
+                             + ")")
+    parser.add_argument("--eval-frame-ms", type=_durations, default=(),
+                        help="comma-separated frame durations of extra val splits, e.g. 1,2,5,10")
+    parser.add_argument("--size", type=int, default=defaults.size,
+                        help="downsample so the longer side is SIZE px (0 = sensor size)")
+    parser.add_argument("--split-seed", type=int, default=defaults.split_seed,
+                        help="seed of CIFAR10-DVS's 9:1 per-class split")
+
+
+def options_from(args: argparse.Namespace) -> DvsOptions:
+    """The DvsOptions of a command line parsed with `add_options`."""
+    if args.T is not None and args.frame_ms:
+        raise DataError(f"--T {args.T} and --frame-ms {args.frame_ms:g}: give one (by frame "
+                        f"duration, T = --window-ms / --frame-ms)")
+    return DvsOptions(args.dvs_set, DvsOptions.T if args.T is None else args.T, args.bin_by,
+                      args.size, args.split_seed, args.frame_ms, args.window_ms,
+                      args.eval_frame_ms)
+
+
+def build_from_args(args: argparse.Namespace, workers: int) -> Meta:
+    """`python -m data_pipelines.build dvs ...`: build_dvs with the options `add_options` parsed."""
+    return build_dvs(args.src, args.out, workers, options_from(args))
+
+
+def _durations(text: str) -> tuple[float, ...]:
+    """`--eval-frame-ms 1,2,5,10` -> (1.0, 2.0, 5.0, 10.0)."""
+    try:
+        return tuple(float(ms) for ms in text.split(",") if ms.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated ms, "
+                                         f"e.g. 1,2,5,10") from None
 
 
 # --- readers: path -> tonic structured event array (fields x, y, t, p) ---------------------
@@ -176,26 +265,45 @@ def find_root(ds: DvsSet, src: Path) -> Path:
 
 @dataclass(frozen=True)
 class FrameMaker:
-    """path -> int16 event counts `[T, 2, H, W]`, in a worker process."""
+    """path -> int16 event counts `[T, 2, H, W]`, in a worker process.
+
+    `frame_us > 0`: T frames of `frame_us` microseconds each over `[t0, t0 + T * frame_us)`,
+    t0 = the recording's first event; otherwise T bins by `bin_by`.
+    """
 
     reader: Callable[[str], np.ndarray]
     sensor_size: tuple[int, int, int]
     target_size: tuple[int, int, int]
     T: int
     bin_by: str
+    frame_us: int = 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One sample's frames: `[T, 2, H, W]`."""
+        return (self.T, 2, self.target_size[1], self.target_size[0])
+
+    dtype = np.dtype("int16")
 
     def __call__(self, path: str) -> np.ndarray:
         from tonic.transforms import Downsample, ToFrame
 
         events = self.reader(path)
-        if len(events) < self.T:
+        if len(events) < (1 if self.frame_us else self.T):
             raise ValueError(f"{len(events)} events, fewer than T={self.T} frames")
         if self.target_size != self.sensor_size:
             events = Downsample(sensor_size=self.sensor_size,
                                 target_size=self.target_size[:2])(events)
-        bins = {"n_event_bins": self.T} if self.bin_by == "events" else {"n_time_bins": self.T}
+        if self.frame_us:
+            t0 = events["t"][0]
+            bins = {"time_window": self.frame_us, "start_time": t0,
+                    "end_time": t0 + self.T * self.frame_us}
+        elif self.bin_by == "events":
+            bins = {"n_event_bins": self.T}
+        else:
+            bins = {"n_time_bins": self.T}
         frames = ToFrame(sensor_size=self.target_size, **bins)(events)
-        expected = (self.T, 2, self.target_size[1], self.target_size[0])
+        expected = self.shape
         if frames.shape != expected:
             raise ValueError(f"binned to {frames.shape}, expected {expected}")
         return frames
@@ -223,15 +331,17 @@ class FrameSamples:
         return np.ascontiguousarray(self.frames[index]), self.labels[index]
 
 
-def bin_split(make: FrameMaker, items: list[tuple[str, int]], buffer: Path, workers: int,
+def bin_split(make: Callable, items: list[tuple[object, int]], buffer: Path, workers: int,
               desc: str) -> tuple[FrameSamples, list[int], list[tuple[str, str]]]:
     """Bin every recording in `workers` processes into a memory-mapped array at `buffer`.
 
-    Returns the samples, the indices that binned, and (path, reason) for those that did not.
-    The array is memory-mapped so that a large set does not have to fit in RAM.
+    `make` maps an item's first entry (a path, or any picklable job) to one sample of shape
+    `make.shape` and dtype `make.dtype` (FrameMaker; shd.SpikeBinner). Returns the samples, the
+    indices that binned, and (str(job), reason) for those that did not. The array is
+    memory-mapped so that a large set does not have to fit in RAM.
     """
-    shape = (len(items), make.T, 2, make.target_size[1], make.target_size[0])
-    frames = np.lib.format.open_memmap(buffer, mode="w+", dtype=np.int16, shape=shape)
+    shape = (len(items), *make.shape)
+    frames = np.lib.format.open_memmap(buffer, mode="w+", dtype=make.dtype, shape=shape)
     good, bad = [], []
     with get_context("fork").Pool(workers) as pool:
         results = pool.imap(_frames_or_reason, [(make, p) for p, _ in items], chunksize=4)
@@ -241,17 +351,30 @@ def bin_split(make: FrameMaker, items: list[tuple[str, int]], buffer: Path, work
                 frames[i] = array
                 good.append(i)
             else:
-                bad.append((items[i][0], reason))
+                bad.append((str(items[i][0]), reason))
     frames.flush()
     return FrameSamples(frames, [label for _, label in items]), good, bad
 
 
-def build_dvs(src: Path, out: Path, workers: int, options: DvsOptions) -> dict:
-    """Bin the recordings of `options.dvs_set` under `src` into frames in `out`; returns meta."""
+def build_dvs(src: Path, out: Path, workers: int, options: DvsOptions) -> Meta:
+    """Bin the recordings of `options.dvs_set` under `src` into frames in `out`; returns its Meta.
+
+    By frame duration (`options.frame_ms > 0`) meta.json records `frame_ms` and `window_ms` (of
+    train and val; T = window_ms / frame_ms) and `eval_splits`: for each further duration of
+    `options.eval_frame_ms`, `{"val_<ms>ms": {"frame_ms": ms, "T": window_ms / ms}}`, whose
+    samples (the val recordings binned at that duration) are in `val_<ms>ms.beton`, with their
+    number in `counts` beside train and val. `eval_splits` is `{}` when there are none, and
+    `frame_ms` is 0 when binning by `bin_by` instead.
+    """
+    from ffcv.fields import IntField, NDArrayField
+
+    from .writer import write_beton
+
     ds = _dvs_set(options.dvs_set)
     if options.T < 1 or options.bin_by not in BIN_BY or options.size < 0:
         raise DataError(f"--T {options.T} / --bin-by {options.bin_by} / --size {options.size}: "
                         f"need T >= 1, bin-by one of {', '.join(BIN_BY)}, size >= 0")
+    durations = _frame_durations(ds.name, options)  # {split: (frame_ms, T)}, train/val first
     root = find_root(ds, src)
     splits, skipped = list_recordings(ds, root, options.split_seed)
     if not splits["train"] or not splits["val"]:
@@ -267,51 +390,98 @@ def build_dvs(src: Path, out: Path, workers: int, options: DvsOptions) -> dict:
     width, height, _ = ds.sensor_size
     scale = options.size / max(width, height) if options.size else 1.0
     target = (int(round(width * scale)), int(round(height * scale)), 2)
-    make = FrameMaker(ds.reader, tuple(ds.sensor_size), target, options.T, options.bin_by)
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "dataset": "dvs",
-        "source": ds.name,
+    frame_ms, T = durations["val"]
+    details = {
         "source_path": str(root),
-        "num_classes": len(ds.classes),
-        "classes": list(ds.classes),
-        "in_chans": 2,
-        "height": target[1],
-        "width": target[0],
-        "T": options.T,
-        "bin_by": options.bin_by,
+        "bin_by": "duration" if frame_ms else options.bin_by,
+        "window_ms": T * frame_ms,
         "sensor_size": list(ds.sensor_size),
-        "dtype": "int16",
         "split": ({"method": "9:1 per class", "seed": options.split_seed}
                   if ds.name == "cifar10dvs" else {"method": "official"}),
     }
-    fields = {"frames": NDArrayField(np.dtype("int16"), (options.T, 2, target[1], target[0])),
-              "label": IntField()}
+    eval_splits = {name: {"frame_ms": ms, "T": steps}
+                   for name, (ms, steps) in durations.items() if name not in ("train", "val")}
     counts = {}
     with staged_output(out) as stage:
-        for split, name in (("train", TRAIN_FILE), ("val", VAL_FILE)):
+        for split, (ms, steps) in durations.items():
+            make = FrameMaker(ds.reader, tuple(ds.sensor_size), target, steps, options.bin_by,
+                              frame_us=int(ms * 1000))
+            fields = {"frames": NDArrayField(make.dtype, make.shape), "label": IntField()}
+            source = "train" if split == "train" else "val"  # eval splits rebin val recordings
             buffer = stage / f"{split}-frames.npy"
-            samples, good, bad = bin_split(make, splits[split], buffer, workers,
+            samples, good, bad = bin_split(make, splits[source], buffer, workers,
                                            desc=f"binning {split}")
             skipped += bad
             if not good:
-                raise DataError(f"none of the {len(splits[split])} {split} recordings under "
+                raise DataError(f"none of the {len(splits[source])} {source} recordings under "
                                 f"{root} could be read (first: {bad[0][1]})")
-            write_beton(stage / name, fields, samples, workers, indices=good,
+            write_beton(stage / f"{split}.beton", fields, samples, workers, indices=good,
                         page_size=_page_size(samples.frames[0].nbytes))
             counts[split] = len(good)
             del samples
             buffer.unlink()
-        meta.update(counts=counts, skipped=len(skipped))
+        skipped = sorted(dict(skipped).items())  # eval splits fail on the same val files again
+        meta = Meta(dataset="dvs", source=ds.name, num_classes=len(ds.classes),
+                    classes=list(ds.classes), in_chans=2, height=target[1], width=target[0], T=T,
+                    counts=counts, skipped=len(skipped), dtype="int16", frame_ms=frame_ms,
+                    eval_splits=eval_splits, details=details)
         write_report(stage, skipped)
-        write_json(stage / META_FILE, meta)
+        meta.write(stage)
     print(summary_line(f"dvs/{ds.name}", out, counts, len(skipped)))
     return meta
 
 
+def _frame_durations(name: str, options: DvsOptions) -> dict[str, tuple[float, int]]:
+    """{split: (frame duration in ms, T)} for train, val and every eval split; (0, options.T)
+    for train and val when binning by `bin_by`."""
+    if not options.frame_ms:
+        if options.eval_frame_ms or options.window_ms:
+            raise DataError("--eval-frame-ms and --window-ms bin by frame duration: give "
+                            "--frame-ms too")
+        return {"train": (0.0, options.T), "val": (0.0, options.T)}
+    window = options.window_ms or DEFAULT_WINDOW_MS[name]
+    T = frame_count(window, options.frame_ms)
+    durations = {"train": (float(options.frame_ms), T), "val": (float(options.frame_ms), T)}
+    for ms in options.eval_frame_ms:
+        name_ms = eval_split_name(ms)
+        if ms == options.frame_ms or name_ms in durations:
+            raise DataError(f"--eval-frame-ms {ms:g} is given twice or equals --frame-ms "
+                            f"(val is already binned at {options.frame_ms:g} ms)")
+        durations[name_ms] = (float(ms), frame_count(window, ms, "--eval-frame-ms"))
+    return durations
+
+
 def _page_size(sample_bytes: int) -> int:
     """Smallest FFCV page (power of two >= 2 MiB) holding a few samples."""
+    from .writer import MIN_PAGE_SIZE
+
     page = MIN_PAGE_SIZE
     while page < 4 * sample_bytes:
         page *= 2
     return page
+
+
+def train_pipelines(p: PipelineArgs) -> dict[str, list]:
+    """x: float32 event counts `[T, B, 2, H, W]`, randomly flipped and shifted per sample
+    (data.flip, data.translate); y: int64 `[B]`."""
+    from .stages import EventFramesToFloat, NDArrayDecoder, ToDevice, ToTensor, label
+
+    frames = [NDArrayDecoder(), ToTensor(), ToDevice(p.device, non_blocking=True),
+              EventFramesToFloat(p.flip, p.translate, p.key)]
+    return {"frames": frames, "label": label(p.device)}
+
+
+def val_pipelines(p: PipelineArgs) -> dict[str, list]:
+    """As in training, neither flipped nor shifted."""
+    from .stages import EventFramesToFloat, NDArrayDecoder, ToDevice, ToTensor, label
+
+    frames = [NDArrayDecoder(), ToTensor(), ToDevice(p.device, non_blocking=True),
+              EventFramesToFloat(False, 0, p.key)]
+    return {"frames": frames, "label": label(p.device)}
+
+
+SPEC = DatasetSpec(
+    name="dvs", kind="events", help="event data read with tonic, binned to T frames",
+    build=build_from_args, train=train_pipelines, val=val_pipelines, options=add_options,
+    # Not flipped by default: DVS Gesture's classes include left/right pairs.
+    flip=False, translate=0)

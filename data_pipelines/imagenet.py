@@ -8,23 +8,29 @@ Classes are the sorted directory names under train/, label = position in that li
 map torchvision's ImageFolder builds); it is saved as classes.json beside the .beton files.
 Images in any PIL mode (grayscale, CMYK, palette, RGBA/LA with alpha, 16-bit) are converted
 to RGB the way torchvision's loader does (`Image.convert("RGB")`, alpha dropped).
+
+FFCV is imported inside the builder and the pipelines: the registry imports this module for its
+spec when a config is checked, on a login node too.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from ffcv.fields import IntField, RGBImageField
 from PIL import Image
 from tqdm import tqdm
 
-from .common import (CLASSES_FILE, FORMAT_VERSION, META_FILE, TRAIN_FILE, VAL_FILE, DataError,
-                     staged_output, summary_line, write_json, write_report)
-from .writer import write_beton
+from .cifar import rgb_pipelines
+from .common import (CLASSES_FILE, TRAIN_FILE, VAL_FILE, DataError, staged_output, summary_line,
+                     write_json, write_report)
+from .meta import Meta
+from .spec import DatasetSpec, PipelineArgs
 
 #: torchvision's ImageFolder extensions (compared in lower case).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -44,7 +50,10 @@ class ImageFieldOptions:
     compress_probability: float = 0.5
     seed: int = 0                     # draws which images 'proportion' compresses
 
-    def field(self) -> RGBImageField:
+    def field(self) -> Any:
+        """The FFCV `RGBImageField` these options describe."""
+        from ffcv.fields import RGBImageField
+
         if self.write_mode not in WRITE_MODES:
             raise DataError(f"--write-mode {self.write_mode}: expected one of {', '.join(WRITE_MODES)}")
         if not 1 <= self.jpeg_quality <= 100 or not 0 <= self.compress_probability <= 1:
@@ -139,8 +148,12 @@ def scan_images(items: list[tuple[str, int]], max_resolution: int, workers: int,
     return good, bad
 
 
-def build_imagenet(src: Path, out: Path, workers: int, options: ImageFieldOptions) -> dict:
-    """Write SRC/{train,val} ImageFolder trees to `out`; returns the meta dict."""
+def build_imagenet(src: Path, out: Path, workers: int, options: ImageFieldOptions) -> Meta:
+    """Write SRC/{train,val} ImageFolder trees to `out`; returns its Meta."""
+    from ffcv.fields import IntField
+
+    from .writer import write_beton
+
     field = options.field()
     splits = {"train": src / "train", "val": src / "val"}
     for split_dir in splits.values():
@@ -163,26 +176,14 @@ def build_imagenet(src: Path, out: Path, workers: int, options: ImageFieldOption
         if not good[split]:
             raise DataError(f"no readable images under {split_dir}/<class>/")
 
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "dataset": "imagenet",
-        "source": str(src),
-        "num_classes": len(classes),
-        "classes": classes,
-        "in_chans": 3,
-        "height": None,  # variable; the loader crops to data.resolution
-        "width": None,
-        "T": None,
-        "counts": {split: len(items) for split, items in good.items()},
-        "skipped": len(skipped),
-        "image_field": "rgb",
-        "write_mode": options.write_mode,
-        "max_resolution": options.max_resolution,
-        "jpeg_quality": options.jpeg_quality,
-        "compress_probability": options.compress_probability,
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
-    }
+    meta = Meta(
+        dataset="imagenet", source=str(src), num_classes=len(classes), classes=classes,
+        in_chans=3, height=None, width=None, T=None,  # variable size; the loader crops
+        counts={split: len(items) for split, items in good.items()}, skipped=len(skipped),
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        details={"image_field": "rgb", "write_mode": options.write_mode,
+                 "max_resolution": options.max_resolution, "jpeg_quality": options.jpeg_quality,
+                 "compress_probability": options.compress_probability})
     fields = {"image": field, "label": IntField()}
     with staged_output(out) as stage:
         for split, name in (("train", TRAIN_FILE), ("val", VAL_FILE)):
@@ -193,6 +194,77 @@ def build_imagenet(src: Path, out: Path, workers: int, options: ImageFieldOption
                         workers, chunksize=64)
         write_json(stage / CLASSES_FILE, class_index)
         write_report(stage, skipped)
-        write_json(stage / META_FILE, meta)
-    print(summary_line("imagenet", out, meta["counts"], len(skipped)))
+        meta.write(stage)
+    print(summary_line("imagenet", out, meta.counts, len(skipped)))
     return meta
+
+
+#: Evaluation crops the centre 224/256 of the short side (torchvision's Resize(256) +
+#: CenterCrop(224), ffcv-imagenet's DEFAULT_CROP_RATIO).
+CENTER_CROP_RATIO = 224 / 256
+RESOLUTION = 224
+
+
+def progressive_resolution(epoch: int, min_res: int, max_res: int, start_ramp: int,
+                           end_ramp: int) -> int:
+    """ffcv-imagenet's schedule: `min_res` up to `start_ramp`, `max_res` from `end_ramp`,
+    linear in between rounded to a multiple of 32 px."""
+    if epoch <= start_ramp:
+        return min_res
+    if epoch >= end_ramp:
+        return max_res
+    interp = np.interp([epoch], [start_ramp, end_ramp], [min_res, max_res])[0]
+    return int(np.round(interp / 32)) * 32
+
+
+def resolution(cfg: Any, train: bool, epoch: int) -> int:
+    """Output size in px at `epoch` of the `DataConfig` `cfg`: data.val_resolution in
+    validation; data.resolution in training, ramped up from data.min_resolution if set."""
+    if not train:
+        return cfg.val_resolution or RESOLUTION
+    final = cfg.resolution or RESOLUTION
+    if cfg.min_resolution == 0:
+        return final
+    return progressive_resolution(epoch, cfg.min_resolution, final, cfg.ramp_start_epoch,
+                                  cfg.ramp_end_epoch)
+
+
+def train_pipelines(p: PipelineArgs) -> dict[str, list]:
+    """A random-resized crop to `resolution` px, decoding only the JPEG region it covers
+    (jpeg_region.py), then a random flip."""
+    from .stages import RandomHorizontalFlipInPlace, crop_decoders
+
+    random_crop, _ = crop_decoders()
+    flip = [RandomHorizontalFlipInPlace(p.key)] if p.flip else []
+    return rgb_pipelines(p, [random_crop((p.resolution, p.resolution), p.key), *flip])
+
+
+def val_pipelines(p: PipelineArgs) -> dict[str, list]:
+    """The centre crop (CENTER_CROP_RATIO of the short side) resized to `resolution` px."""
+    from .stages import crop_decoders
+
+    _, centre_crop = crop_decoders()
+    return rgb_pipelines(p, [centre_crop((p.resolution, p.resolution), ratio=CENTER_CROP_RATIO)])
+
+
+def _options(parser: argparse.ArgumentParser) -> None:
+    defaults = ImageFieldOptions()
+    parser.add_argument("--write-mode", choices=WRITE_MODES, default=defaults.write_mode)
+    parser.add_argument("--max-resolution", type=int, default=defaults.max_resolution,
+                        help="longest side in px (0 = keep)")
+    parser.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality)
+    parser.add_argument("--compress-probability", type=float, default=defaults.compress_probability,
+                        help="share of images stored as JPEG in 'proportion' mode")
+
+
+def _build(args: argparse.Namespace, workers: int) -> Meta:
+    options = ImageFieldOptions(args.write_mode, args.max_resolution, args.jpeg_quality,
+                                args.compress_probability)
+    return build_imagenet(args.src, args.out, workers, options)
+
+
+SPEC = DatasetSpec(
+    name="imagenet", kind="image",
+    help="ImageFolder tree: SRC/train/<class>/*, SRC/val/<class>/*",
+    build=_build, train=train_pipelines, val=val_pipelines, options=_options,
+    flip=True, resolution=resolution)

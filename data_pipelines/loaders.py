@@ -7,52 +7,33 @@ order. Every augmentation (crop, flip, translation) of a sample is a function of
 the sample's index in the data set) (transforms.py), so a sample looks the same whichever rank,
 batch size or resumed batch reads it. One FFCV `Loader` (whose numba pipeline costs seconds to
 compile) is built per split and resolution and reused every epoch and seed, so an epoch starts in
-milliseconds.
+milliseconds. What a loader decodes, and how, is the data set's spec (registry.py): its train or
+val pipelines, its augmentation defaults, its resizing schedule.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from contextlib import contextmanager
 import queue
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-from ffcv.fields.basics import IntDecoder
-from ffcv.fields.ndarray import NDArrayDecoder
-from ffcv.fields.rgb_image import SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
-from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 
-from .config import DataConfig, check_data_config, default_flip, default_translate  # noqa: F401  (re-exported)
-from .common import (TRAIN_FILE, VAL_FILE, DataError, build_command, read_meta,
-                     resolve_workers)
-from .jpeg_region import crop_decoders
-from .transforms import (AugmentKey, EventFramesToFloat, NormalizeToFloat,
-                         RandomHorizontalFlipInPlace, RandomTranslateInPlace)
+from .common import TRAIN_FILE, VAL_FILE, DataError, resolve_workers
+from .config import DataConfig, check_data_config
+from .meta import Meta
+from .registry import build_command, read_meta, spec
+from .spec import PipelineArgs
+from .transforms import AugmentKey
 
 SPLIT_FILES = {"train": TRAIN_FILE, "val": VAL_FILE}
-
-#: ImageNet evaluation crops the centre 224/256 of the short side (torchvision's Resize(256) +
-#: CenterCrop(224), ffcv-imagenet's DEFAULT_CROP_RATIO).
-CENTER_CROP_RATIO = 224 / 256
-IMAGENET_RESOLUTION = 224
-
-
-def progressive_resolution(epoch: int, min_res: int, max_res: int, start_ramp: int,
-                           end_ramp: int) -> int:
-    """ffcv-imagenet's schedule: `min_res` up to `start_ramp`, `max_res` from `end_ramp`,
-    linear in between rounded to a multiple of 32 px."""
-    if epoch <= start_ramp:
-        return min_res
-    if epoch >= end_ramp:
-        return max_res
-    interp = np.interp([epoch], [start_ramp, end_ramp], [min_res, max_res])[0]
-    return int(np.round(interp / 32)) * 32
 
 
 def train_order(num_samples: int, batch_size: int, seed: int, epoch: int, rank: int,
@@ -106,23 +87,24 @@ class _PlannedOrder(TraversalOrder):
 class EpochLoader:
     """Batches of one split for one rank; `iterate(epoch, start_batch)` is the whole interface.
 
-    Attributes: `meta` (meta.json: num_classes, in_chans, height, width, T, classes, ...;
-    `temporal` is true for seqdigits, absent elsewhere: read it as meta.get("temporal", False)),
+    Attributes: `meta` (the build's `Meta`; for an extra evaluation split, with that split's T
+    and frame_ms), `spec` (the data set's `DatasetSpec`: its kind, pipelines, defaults),
     `split`, `batch_size`, `batches_per_epoch` and `samples_per_epoch` (this rank's).
     """
 
-    def __init__(self, cfg: DataConfig, split: str, meta: dict, beton: Path, *, rank: int,
+    def __init__(self, cfg: DataConfig, split: str, meta: Meta, beton: Path, *, rank: int,
                  world_size: int, seed: int, device: torch.device, augment: bool = True):
         self.cfg = cfg
         self.split = split
         self.meta = meta
+        self.spec = spec(meta.dataset)
         self.beton = beton
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
         self.device = device
         self.num_workers = resolve_workers(cfg.num_workers)
-        self.num_samples = int(meta["counts"][split])
+        self.num_samples = int(meta.counts[split])
         # Training order and augmentation; the training split read with augment=False is
         # planned and decoded like validation (every sample once, centre crops, no flips).
         self.train = split == "train" and augment
@@ -137,12 +119,8 @@ class EpochLoader:
             self.batch_size = cfg.val_batch_size or cfg.batch_size
             self.samples_per_epoch = len(val_shard(self.num_samples, rank, world_size))
             self.batches_per_epoch = math.ceil(self.samples_per_epoch / self.batch_size)
-        # Images cross to a GPU as uint8 and are normalised there; on the CPU FFCV's table
-        # lookup normalises inside the parallel decode stage instead.
-        self.normalise_on_device = self.device.type == "cuda"
-        self.flip = default_flip(meta["dataset"]) if cfg.flip is None else cfg.flip
-        self.translate = (default_translate(meta["dataset"]) if cfg.translate is None
-                          else cfg.translate)
+        self.flip = bool(self.spec.flip) if cfg.flip is None else cfg.flip
+        self.translate = (self.spec.translate or 0) if cfg.translate is None else cfg.translate
         # Where the random stages of the pipelines this loader builds read (seed, epoch) from;
         # a loader reusing another's compiled pipelines keys them through its traversal order.
         self._augment_key = AugmentKey()
@@ -155,24 +133,17 @@ class EpochLoader:
         return val_shard(self.num_samples, self.rank, self.world_size)
 
     def resolution(self, epoch: int) -> int | None:
-        """Output image size in px at `epoch` (ImageNet only; None = the stored size)."""
-        if self.meta["dataset"] != "imagenet":
+        """Output image size in px at `epoch` (resizing sets, ImageNet; None = the stored size)."""
+        if self.spec.resolution is None:
             return None
-        cfg = self.cfg
-        if not self.train:
-            return cfg.val_resolution or IMAGENET_RESOLUTION
-        final = cfg.resolution or IMAGENET_RESOLUTION
-        if cfg.min_resolution == 0:
-            return final
-        return progressive_resolution(epoch, cfg.min_resolution, final, cfg.ramp_start_epoch,
-                                      cfg.ramp_end_epoch)
+        return self.spec.resolution(self.cfg, self.train, epoch)
 
     def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield `(x, y)` on the device for batches `start_batch ..` of `epoch` on this rank.
 
-        x: float32 `[B, C, H, W]` images (RGB ones with channels-last strides), normalised with
-        meta's mean/std; `[T, B, 2, H, W]` event counts per frame for DVS; or, for seqdigits,
-        contiguous `[T, B, F]` = `[8, B, 8]` image rows normalised with meta's one mean/std.
+        x: by the spec's kind: "image", float32 `[B, C, H, W]` (RGB ones with channels-last
+        strides), normalised with meta's mean/std; "events", `[T, B, 2, H, W]` event counts per
+        frame; "sequence", contiguous `[T, B, F]` (seqdigits: `[8, B, 8]` image rows).
         y: int64 `[B]` labels.
         The tensors live in FFCV's reusable buffers: they stay valid until the next batch is
         requested (clone to keep them longer). Run one epoch at a time per process: loaders
@@ -202,7 +173,7 @@ class EpochLoader:
         stat = self.beton.stat()
         key = (type(self), str(self.beton.resolve()), stat.st_ino, stat.st_mtime_ns, self.split,
                self.train, self.batch_size, self.num_workers, str(self.device), resolution, self.flip,
-               self.translate, self.normalise_on_device)
+               self.translate)
         if key not in _FFCV_LOADERS:
             with _torch_threads_kept():
                 loader = Loader(str(self.beton), batch_size=self.batch_size,
@@ -213,45 +184,13 @@ class EpochLoader:
         return _FFCV_LOADERS[key]
 
     def _pipelines(self, resolution: int | None) -> dict[str, list]:
-        """The FFCV pipeline of each field, as in ffcv-imagenet's `create_train_loader`; the
-        random stages read (seed, epoch) from `self._augment_key`."""
-        dataset, device, train = self.meta["dataset"], self.device, self.train
-        key = self._augment_key
-        channels_last = device.type == "cuda"
-        flip = [RandomHorizontalFlipInPlace(key)] if train and self.flip else []
-        # Squeeze(1), not Squeeze(): a last batch of one sample must stay [1], not become [].
-        label = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
-        if dataset == "dvs":
-            augment = (train and self.flip, self.translate if train else 0)
-            frames = [NDArrayDecoder(), ToTensor(), ToDevice(device, non_blocking=True),
-                      EventFramesToFloat(*augment, key)]
-            return {"frames": frames, "label": label}
-        mean, std = self.meta["mean"], self.meta["std"]
-        if dataset == "digits":
-            image = [NDArrayDecoder(), ToTensor(), ToDevice(device, non_blocking=True),
-                     NormalizeToFloat(mean, std, channels_last)]
-            return {"image": image, "label": label}
-        if dataset == "seqdigits":  # stored [B, T, F]; time leads inside the network
-            sequence = [NDArrayDecoder(), ToTensor(), ToDevice(device, non_blocking=True),
-                        NormalizeToFloat(mean, std, channels_last=False, time_major=True)]
-            return {"sequence": sequence, "label": label}
-        if dataset in ("cifar10", "cifar100"):
-            shift = train and self.translate
-            translate = [RandomTranslateInPlace(key, self.translate)] if shift else []
-            decode = [SimpleRGBImageDecoder(), *flip, *translate]
-        elif train:  # imagenet; JPEGs decoded only where the crop is (jpeg_region.py)
-            random_crop, _ = crop_decoders()
-            decode = [random_crop((resolution, resolution), key), *flip]
-        else:
-            _, centre_crop = crop_decoders()
-            decode = [centre_crop((resolution, resolution), ratio=CENTER_CROP_RATIO)]
-        if self.normalise_on_device:  # uint8 crosses to the GPU, which normalises
-            image = [*decode, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
-                     NormalizeToFloat(mean, std, channels_last=True)]
-        else:  # FFCV's table-lookup normalisation runs in the parallel decode stage, not after it
-            image = [*decode, NormalizeImage(np.array(mean), np.array(std), np.float32),
-                     ToTensor(), ToTorchImage()]
-        return {"image": image, "label": label}
+        """The FFCV pipeline of each field: the spec's train pipelines when training, else its
+        val pipelines; their random stages read (seed, epoch) from `self._augment_key`."""
+        build = self.spec.train if self.train else self.spec.val
+        return build(PipelineArgs(self.meta, self.device, self._augment_key,
+                                  flip=self.train and self.flip,
+                                  translate=self.translate if self.train else 0,
+                                  resolution=resolution))
 
 
 @contextmanager
@@ -287,10 +226,8 @@ def _checked(batches: EpochIterator) -> Iterator[tuple[torch.Tensor, ...]]:
         yield result
 
 
-def _check_call(cfg: DataConfig, split: str, rank: int, world_size: int) -> None:
+def _check_call(cfg: DataConfig, rank: int, world_size: int) -> None:
     check_data_config(cfg)  # load_config ran it already; direct callers (tests, tools) get it too
-    if split not in SPLIT_FILES:
-        raise ValueError(f"split={split!r}; expected 'train' or 'val'")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world of size {world_size}")
 
@@ -298,7 +235,8 @@ def _check_call(cfg: DataConfig, split: str, rank: int, world_size: int) -> None
 def create_loader(cfg: DataConfig, split: str, *, rank: int = 0, world_size: int = 1,
                   seed: int = 0, device: torch.device = torch.device("cpu"),
                   augment: bool = True) -> EpochLoader:
-    """Loader of `split` ("train" or "val") of the data set in `cfg.path` for one rank.
+    """Loader of `split` ("train", "val", or an extra evaluation split the build lists in
+    `Meta.eval_splits`, read as val is) of the data set in `cfg.path` for one rank.
 
     `augment=False` reads the training split as validation is read (every sample once in file
     order, sharded in blocks, no random crop, flip or translation): what measures how well a
@@ -306,13 +244,21 @@ def create_loader(cfg: DataConfig, split: str, *, rank: int = 0, world_size: int
 
     Raises `DataError` (one line) when the files are missing or do not match `cfg`.
     """
-    _check_call(cfg, split, rank, world_size)
+    _check_call(cfg, rank, world_size)
     path = Path(cfg.path)
     meta = read_meta(path, cfg.dataset)
-    if meta["dataset"] != cfg.dataset:
-        raise DataError(f"data.dataset={cfg.dataset} but {path} holds {meta['dataset']}; "
+    if meta.dataset != cfg.dataset:
+        raise DataError(f"data.dataset={cfg.dataset} but {path} holds {meta.dataset}; "
                         f"point data.path at a {cfg.dataset} build")
-    beton = path / SPLIT_FILES[split]
+    if split in meta.eval_splits:  # the same recordings at another T (frame duration)
+        shifted = meta.eval_splits[split]
+        meta = dataclasses.replace(meta, T=int(shifted["T"]), frame_ms=float(shifted["frame_ms"]))
+        beton = path / f"{split}.beton"
+    elif split in SPLIT_FILES:
+        beton = path / SPLIT_FILES[split]
+    else:
+        extra = "".join(f", {name!r}" for name in meta.eval_splits)
+        raise ValueError(f"split={split!r}; expected 'train', 'val'{extra}")
     if not beton.is_file():
         raise DataError(f"{beton} is missing; rebuild with "
                         f"{build_command(cfg.dataset, path)} --force")

@@ -1,6 +1,6 @@
 """What every spiking network here shares around its own layers: the checkpointing mode, compile,
-the ``forward`` / ``forward_steps`` / ``set_output`` trio, the first layer's MACs for the firing
-report, and the check of a timm factory's arguments.
+the ``forward`` / ``forward_steps`` / ``set_output`` / ``set_readout`` quartet, the first layer's
+MACs for the firing report, and the check of a timm factory's arguments.
 
 A network subclasses ``SpikingClassifier`` and provides
 - ``forward_features(x)``: input -> spikes of the last layer ``[T, B, ...]``, running each part
@@ -27,8 +27,9 @@ __all__ = ["SpikingClassifier", "spike_consumer_names", "create_checked"]
 
 class SpikingClassifier(nn.Module):
     """Base of the spiking networks: ``T``, ``num_classes`` and ``neuron`` as built;
-    ``checkpointing`` (the mode, ``models.checkpointing``) and ``output`` (what ``forward``
-    returns, ``"mean"`` or ``"per_step"``) are its only settings."""
+    ``checkpointing`` (the mode, ``models.checkpointing``), ``output`` (what ``forward``
+    returns, ``"mean"`` or ``"per_step"``) and ``readout_from`` (the first step ``forward``'s
+    readout counts) are its only settings."""
 
     #: Set by a forward pass while firing is recorded: (first-layer calls per sample, the input's
     #: per-step shape), read by ``first_layer_macs_per_image``.
@@ -45,6 +46,7 @@ class SpikingClassifier(nn.Module):
         self.num_classes = num_classes
         self.checkpointing = "none"
         self.output = "mean"
+        self.readout_from = 0
 
     @property
     def grad_checkpointing(self) -> bool:
@@ -69,8 +71,8 @@ class SpikingClassifier(nn.Module):
         Without activation checkpointing the whole model is one compiled region
         (``nn.Module.compile``). With it, each of ``checkpointed_parts`` is compiled on its own and
         the checkpoint stays outside the compiled code, in eager mode: a recomputation in backward
-        then runs the part's own graph again, and its BatchNorm and firing-count updates are taken
-        back as in eager mode (inside one compiled graph they would happen twice), while
+        then runs the part's own graph again, its BatchNorm updates are taken back and its neurons
+        report nothing, as in eager mode (inside one compiled graph both would happen twice), while
         ``blocks+time`` keeps storing spike inputs at 1 bit each. Parts of one shape share their
         compiled graphs; shapes are static, so a recomputation finds the graph its forward pass
         ran. ``args``/``kwargs`` go to ``torch.compile``."""
@@ -86,9 +88,16 @@ class SpikingClassifier(nn.Module):
         return self.forward_head(self.forward_features(x), per_step=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Input as in ``forward_steps`` -> logits ``[B, num_classes]`` averaged over time, or
-        per step ``[T, B, num_classes]`` when ``output`` is ``"per_step"`` (TET training)."""
-        return self.forward_head(self.forward_features(x), per_step=self.output == "per_step")
+        """Input as in ``forward_steps`` -> the readout: logits ``[B, num_classes]`` averaged over
+        the steps ``readout_from ..`` (all of them by default), or those steps' logits
+        ``[T - readout_from, B, num_classes]`` when ``output`` is ``"per_step"`` (TET training).
+        Loss and accuracy therefore count only those steps (delayed XOR: from its second pattern)."""
+        logits = self.forward_head(self.forward_features(x), per_step=True)
+        if self.readout_from >= logits.shape[0]:
+            raise ValueError(f"readout_from={self.readout_from} leaves no step of a "
+                             f"{logits.shape[0]}-step input to read out")
+        logits = logits[self.readout_from:]
+        return logits if self.output == "per_step" else logits.mean(0)
 
     def set_output(self, output: str) -> None:
         """What ``forward`` returns: ``"mean"`` logits over time or ``"per_step"`` logits."""
@@ -96,10 +105,17 @@ class SpikingClassifier(nn.Module):
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
         self.output = output
 
+    def set_readout(self, readout_from: int) -> None:
+        """The first time step (0-based) whose logits ``forward`` reads out; 0 = every step.
+        ``forward_steps`` keeps returning every step (a stream reads its own windows)."""
+        if readout_from < 0:
+            raise ValueError(f"readout_from must be >= 0, got {readout_from}")
+        self.readout_from = int(readout_from)
+
     def _record_first_layer(self, neuron: LIF, calls: int, shape: tuple[int, ...]) -> None:
         """The firing side channel: while ``neuron`` records firing, remember that the first layer
         ran ``calls`` times per sample on inputs of per-step ``shape``."""
-        if neuron.record_firing:
+        if neuron.context.counting:
             self._recorded_input = (calls, shape)
 
     def first_layer_macs_per_image(self) -> float:

@@ -35,6 +35,14 @@ def digits_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def seqdigits_dir(tmp_path_factory) -> Path:
+    """The same digits as row sequences (`seqdigits`), built once per test run in process."""
+    out = tmp_path_factory.mktemp("data") / "seqdigits"
+    assert build_main(["seqdigits", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def small_cifar10(tmp_path_factory):
     """A CIFAR-10 build from official-format pickle batches: 5 x 16 train, 8 test images."""
     root = tmp_path_factory.mktemp("seed_cifar_src") / "cifar-10-batches-py"

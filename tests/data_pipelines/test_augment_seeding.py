@@ -4,16 +4,12 @@ thread counts, resumed epochs and shardings all see the same augmented sample (D
 
 from __future__ import annotations
 
-import pickle
-
-import cv2
 import numpy as np
 import pytest
 import torch
 from ffcv.fields.rgb_image import get_random_crop
 
 from data_pipelines import DataConfig, create_loader
-from data_pipelines.build import main as build_main
 from data_pipelines.jpeg_region import random_resized_crop
 from data_pipelines.transforms import uniforms
 

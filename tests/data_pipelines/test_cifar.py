@@ -59,8 +59,8 @@ def _hwc(data):
 
 def test_truncated_batch_is_skipped_and_reported(cifar10_out, cifar10_src, capsys):
     loader = create_loader(DataConfig(dataset="cifar10", path=str(cifar10_out)), "val")
-    assert loader.meta["counts"] == {"train": 4 * PER_BATCH, "val": 20}
-    assert loader.meta["skipped"] == 1
+    assert loader.meta.counts == {"train": 4 * PER_BATCH, "val": 20}
+    assert loader.meta.skipped == 1
     report = (cifar10_out / "skipped.txt").read_text().splitlines()
     assert len(report) == 1 and report[0].startswith(str(cifar10_src[0] / "data_batch_5"))
 
@@ -75,8 +75,8 @@ def test_summary_line_counts_skipped_inputs(cifar10_src, tmp_path, capsys):
 def test_val_pixels_and_labels_round_trip_exactly(cifar10_out, cifar10_src):
     loader = create_loader(DataConfig(dataset="cifar10", path=str(cifar10_out), batch_size=8,
                                       num_workers=2), "val")
-    mean = torch.tensor(loader.meta["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(loader.meta["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(loader.meta.mean).view(1, 3, 1, 1)
+    std = torch.tensor(loader.meta.std).view(1, 3, 1, 1)
     xs, ys = zip(*[((x * std + mean).clone(), y.clone()) for x, y in loader.iterate(0)])
     pixels, labels = torch.cat(xs), torch.cat(ys)
     data, ref_labels = cifar10_src[1]["test_batch"]
@@ -98,8 +98,8 @@ def test_train_loader_augments_with_flip_and_translate(cifar10_out, cifar10_src)
     assert torch.equal(torch.cat([b[1] for b in batches]),
                        torch.from_numpy(train_labels[loader.order(0)]))
     # Each image is its stored image, maybe flipped, then shifted by up to 4 px (zero fill).
-    mean = torch.tensor(loader.meta["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(loader.meta["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(loader.meta.mean).view(1, 3, 1, 1)
+    std = torch.tensor(loader.meta.std).view(1, 3, 1, 1)
     pixels = (torch.cat([b[0] for b in batches]) * std + mean).round().numpy()
     train_data = _hwc(np.concatenate([cifar10_src[1][f"data_batch_{i}"][0] for i in range(1, 5)]))
     stored = train_data[loader.order(0)].transpose(0, 3, 1, 2).astype(np.float32)
@@ -140,7 +140,7 @@ def test_cifar100_fine_labels(tmp_path):
     assert build_main(["cifar100", "--src", str(root), "--out", str(out), "--workers", "1"]) == 0
     loader = create_loader(DataConfig(dataset="cifar100", path=str(out), batch_size=4,
                                       num_workers=1), "val")
-    assert loader.meta["num_classes"] == 100 and loader.meta["classes"][7] == "c7"
+    assert loader.meta.num_classes == 100 and loader.meta.classes[7] == "c7"
     assert torch.equal(torch.cat([y.clone() for _, y in loader.iterate(0)]),
                        torch.from_numpy(refs["test"]))
 
@@ -158,8 +158,8 @@ def test_training_split_without_augmentation_is_read_as_validation_is(cifar10_ou
     training image comes back once, unaugmented, in file order, the same in every epoch."""
     cfg = DataConfig(dataset="cifar10", path=str(cifar10_out), batch_size=16, num_workers=1, flip=True, translate=4)
     loader = create_loader(cfg, "train", seed=3, augment=False)
-    mean = torch.tensor(loader.meta["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(loader.meta["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(loader.meta.mean).view(1, 3, 1, 1)
+    std = torch.tensor(loader.meta.std).view(1, 3, 1, 1)
     epochs = [torch.cat([(x * std + mean).round() for x, _ in loader.iterate(epoch)]) for epoch in (0, 1)]
     train_data = _hwc(np.concatenate([cifar10_src[1][f"data_batch_{i}"][0] for i in range(1, 5)]))
     stored = torch.from_numpy(train_data.transpose(0, 3, 1, 2).astype(np.float32))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,20 +15,13 @@ from data_pipelines.digits import load_split
 
 
 @pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    assert build_main(["digits", "--out", str(out), "--workers", "2"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def reference():
     return load_split()
 
 
 def _collect(loader, epoch, start_batch=0):
     """All batches as (denormalised uint8-valued pixels, labels), cloned out of FFCV's buffers."""
-    mean, std = loader.meta["mean"][0], loader.meta["std"][0]
+    mean, std = loader.meta.mean[0], loader.meta.std[0]
     xs, ys = [], []
     for x, y in loader.iterate(epoch, start_batch):
         xs.append((x * std + mean).clone())
@@ -44,10 +40,10 @@ def test_build_writes_files_and_meta(digits_dir, reference):
     loader = create_loader(DataConfig(path=str(digits_dir)), "val")
     meta = loader.meta
     assert {p.name for p in digits_dir.iterdir()} >= {"train.beton", "val.beton", "meta.json"}
-    assert meta["num_classes"] == 10 and meta["in_chans"] == 1 and meta["T"] is None
-    assert (meta["height"], meta["width"]) == (8, 8)
-    assert meta["counts"] == {"train": 1437, "val": 360}
-    assert meta["counts"]["val"] == len(reference["val"][1])
+    assert meta.num_classes == 10 and meta.in_chans == 1 and meta.T is None
+    assert (meta.height, meta.width) == (8, 8)
+    assert meta.counts == {"train": 1437, "val": 360}
+    assert meta.counts["val"] == len(reference["val"][1])
 
 
 def test_val_round_trip_equals_sklearn_pixels_and_labels(digits_dir, reference):
@@ -135,7 +131,9 @@ def test_leaving_an_epoch_early_then_iterating_again_works(train_loaders):
     assert sum(1 for _ in loader.iterate(1)) == loader.batches_per_epoch
 
 
-def test_existing_build_is_kept_unless_force(digits_dir, capsys):
+def test_existing_build_is_kept_unless_force(digits_dir, tmp_path, capsys):
+    # A copy: the session's build (tests/conftest.py) is shared with the other tests.
+    digits_dir = Path(shutil.copytree(digits_dir, tmp_path / "digits"))
     beton = digits_dir / "train.beton"
     before = beton.stat().st_mtime_ns
     assert build_main(["digits", "--out", str(digits_dir)]) == 0

@@ -86,8 +86,8 @@ def _all(loader, epoch=0):
 def test_nmnist_frames_round_trip_time_major(nmnist_build, nmnist):
     loader = create_loader(DataConfig(dataset="dvs", path=str(nmnist_build), batch_size=2,
                                       num_workers=1), "val")
-    assert loader.meta["T"] == T and loader.meta["in_chans"] == 2
-    assert (loader.meta["height"], loader.meta["width"]) == (34, 34)
+    assert loader.meta.T == T and loader.meta.in_chans == 2
+    assert (loader.meta.height, loader.meta.width) == (34, 34)
     x, y = _all(loader)
     assert x.shape == (T, 3, 2, 34, 34) and x.dtype == torch.float32
     assert y.tolist() == [0, 1, 2]
@@ -166,7 +166,7 @@ def test_dvs_gesture_npy_files(tmp_path):
                        "--T", str(T), "--size", "32", "--workers", "2"]) == 0
     loader = create_loader(DataConfig(dataset="dvs", path=str(out), batch_size=2,
                                       num_workers=1), "val")
-    assert loader.meta["num_classes"] == 11 and loader.meta["counts"] == {"train": 6, "val": 3}
+    assert loader.meta.num_classes == 11 and loader.meta.counts == {"train": 6, "val": 3}
     x, y = _all(loader)
     # Files are read in sorted name order: 0.npy, 10.npy, 4.npy.
     val = sorted((s for s in samples if s[0] == "ibmGestureTest"), key=lambda s: str(s[1]))

@@ -13,7 +13,7 @@ from PIL import Image
 
 from data_pipelines import DataConfig, create_loader
 from data_pipelines.build import main as build_main
-from data_pipelines.loaders import progressive_resolution
+from data_pipelines.imagenet import progressive_resolution
 
 CLASSES = ["n01440764", "n01443537", "n01484850"]
 
@@ -160,8 +160,8 @@ def test_val_loader_centre_crops_224_of_256_and_normalises(raw_build, imagefolde
     cfg = DataConfig(dataset="imagenet", path=str(raw_build), batch_size=4, val_resolution=64,
                      num_workers=1)
     loader = create_loader(cfg, "val")
-    mean = torch.tensor(loader.meta["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(loader.meta["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(loader.meta.mean).view(1, 3, 1, 1)
+    std = torch.tensor(loader.meta.std).view(1, 3, 1, 1)
     xs, ys = zip(*[(x.clone(), y.clone()) for x, y in loader.iterate(0)])
     x = torch.cat(xs)
     assert x.shape == (6, 3, 64, 64) and torch.cat(ys).tolist() == [0, 0, 1, 1, 2, 2]

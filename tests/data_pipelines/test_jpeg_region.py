@@ -11,7 +11,7 @@ from ffcv.fields.rgb_image import (CenterCropRGBImageDecoder, RandomResizedCropR
                                    encode_jpeg)
 from ffcv.libffcv import imdecode
 
-from data_pipelines import DataConfig, create_loader, jpeg_region, loaders
+from data_pipelines import DataConfig, create_loader, jpeg_region, loaders, stages
 from data_pipelines.build import main as build_main
 
 
@@ -100,11 +100,11 @@ def _batches(cfg, split, epoch=0):
 def test_val_loader_gives_ffcv_decoders_output(jpeg_build, monkeypatch):
     cfg = DataConfig(dataset="imagenet", path=str(jpeg_build), batch_size=4, val_resolution=48,
                      num_workers=1)
-    assert loaders.crop_decoders()[1] is jpeg_region.CenterCropRegionDecoder
+    assert stages.crop_decoders()[1] is jpeg_region.CenterCropRegionDecoder
     ours = _batches(cfg, "val")
     _KEPT.append({})
     monkeypatch.setattr(loaders, "_FFCV_LOADERS", _KEPT[-1])
-    monkeypatch.setattr(loaders, "crop_decoders",
+    monkeypatch.setattr(stages, "crop_decoders",
                         lambda: (RandomResizedCropRGBImageDecoder, CenterCropRGBImageDecoder))
     ffcv = _batches(cfg, "val")
     assert len(ours) == len(ffcv) == 2

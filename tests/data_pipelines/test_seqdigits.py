@@ -11,13 +11,7 @@ import torch
 from data_pipelines import DataConfig, DataError, create_loader
 from data_pipelines.build import main as build_main
 from data_pipelines.digits import load_split
-
-
-@pytest.fixture(scope="module")
-def seqdigits_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("seqdigits")
-    assert build_main(["seqdigits", "--out", str(out), "--workers", "2"]) == 0
-    return out
+from data_pipelines.registry import spec
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +21,7 @@ def reference():
 
 def _collect(loader, epoch, start_batch=0):
     """All batches as (denormalised pixels `[T, B, F]`, labels), cloned out of FFCV's buffers."""
-    mean, std = loader.meta["mean"][0], loader.meta["std"][0]
+    mean, std = loader.meta.mean[0], loader.meta.std[0]
     xs, ys = [], []
     for x, y in loader.iterate(epoch, start_batch):
         xs.append((x * std + mean).clone())
@@ -49,7 +43,7 @@ def train_loader(seqdigits_dir):
 
 def test_meta_describes_a_temporal_set_of_row_sequences(seqdigits_dir, reference):
     meta = json.loads((seqdigits_dir / "meta.json").read_text())
-    assert meta["dataset"] == "seqdigits" and meta["temporal"] is True
+    assert meta["dataset"] == "seqdigits" and spec("seqdigits").kind == "sequence"
     assert (meta["T"], meta["in_chans"]) == (8, 8)
     assert (meta["height"], meta["width"]) == (None, None)
     assert meta["num_classes"] == 10 and meta["classes"] == [str(d) for d in range(10)]
