@@ -37,7 +37,8 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.checkpoint import checkpoint
 
 from models.names import CHECKPOINTING_MODES, OUTPUTS
-from models.neurons import LIF
+from models.neuron_context import recomputation
+from models.neurons import LIF, neuron_context
 
 __all__ = ["CHECKPOINTING_MODES", "OUTPUTS", "PackedSpikes", "pack_spikes", "unpack_spikes", "spikes_saved_packed",
            "set_checkpointing_mode", "compile_parts", "checkpoint_contexts", "checkpointed"]
@@ -109,9 +110,7 @@ def set_checkpointing_mode(model: nn.Module, mode: str, time_chunk: int) -> None
                          "graph a recomputed part would update its BatchNorm statistics and firing "
                          "counts twice; set the checkpointing mode first, then call compile()")
     model.checkpointing = mode
-    for m in model.modules():
-        if isinstance(m, LIF):
-            m.set_time_chunk(time_chunk if mode == "blocks+time" else None)
+    neuron_context(model).time_chunk = time_chunk if mode == "blocks+time" else None
 
 
 def compile_parts(parts: Sequence[nn.Module], *args: Any, **kwargs: Any) -> None:
@@ -131,27 +130,26 @@ def compile_parts(parts: Sequence[nn.Module], *args: Any, **kwargs: Any) -> None
 @contextmanager
 def _no_side_effects(block: nn.Module) -> Iterator[None]:
     """While a checkpointed block is recomputed in backward, keep its BatchNorm running
-    statistics and firing counts from being updated a second time.
+    statistics and what its neurons report (firing counts, spike totals: ``recomputation``
+    switches every neuron's reporting off in one place) from being updated a second time.
 
     The recomputation runs exactly as the forward pass did (a compiled block runs the same
-    graph; no attribute it is specialised on changes) and what it adds is taken back after."""
+    graph; no attribute it is specialised on changes): what BatchNorm adds is taken back after,
+    and the neurons' reporting runs outside compiled graphs, where the switch is read."""
     bns = [m for m in block.modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    lifs = [m for m in block.modules() if isinstance(m, LIF) and m.spike_count is not None]
     with torch.no_grad():
         saved_bn = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
                     for m in bns]
-        saved_lif = [(m, m.spike_count.clone()) for m in lifs]
     try:
-        yield
+        with recomputation():
+            yield
     finally:
         with torch.no_grad():
             for bn, mean, var, tracked in saved_bn:
                 bn.running_mean.copy_(mean)
                 bn.running_var.copy_(var)
                 bn.num_batches_tracked.copy_(tracked)
-            for lif, count in saved_lif:
-                lif.spike_count.copy_(count)
 
 
 def checkpoint_contexts(block: nn.Module):

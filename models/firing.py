@@ -1,8 +1,11 @@
 """Firing statistics: per-layer firing rate, sparsity, synaptic operations and energy.
 
-Recording is off by default. When off, a LIF layer's forward checks one bool and does nothing
-else; when on, it adds two numbers per call to a float64 tensor on the spikes' device (no host
-synchronisation): the spikes it emitted and its neuron-timestep slots (T*B*C*H*W).
+Recording is off by default. The counts live in the network's ``NeuronContext``
+(``models.neuron_context``), the one object its LIF layers report to: when off, a layer's
+forward checks two plain attributes and does nothing else; when on, it adds two numbers per call
+to a float64 tensor on the spikes' device (no host synchronisation): the spikes it emitted and
+its neuron-timestep slots (T*B*C*H*W). A part recomputed in backward (activation checkpointing)
+records nothing.
 
 Typical use (the trainer, at eval)::
 
@@ -28,11 +31,16 @@ pooling, which commutes with it), and for a convolution ``C_out/groups * taps_h 
 input (padding taps are not synapses). Identity shortcuts and pooling add no SOPs.
 ``recurrent_l`` counts the synapses of the layer's own recurrence, which carry each spike into
 the next step: 0 without recurrence, 1 for ``self`` (the neuron's own weight), C for ``lateral``
-(the ``[C, C]`` map; in a conv layer it is a 1x1 convolution over channels, so also C per spike).
-Every spike counts, the last step's too (its recurrent input feeds the step after, in a stream).
+(the ``[C, C]`` map; in a conv layer it is a 1x1 convolution over channels, so also C per spike)
+and for ``full`` on a vector layer (the dense ``[C, C]`` matrix), and for ``full`` on feature
+maps the fan-out of its k x k convolution C -> C by the rule above, ``C * taps_h * taps_w /
+(H * W)`` (padding taps are not synapses). Every spike counts, the last step's too (its
+recurrent input feeds the step after, in a stream).
 
 Networks declare their wiring through the ``SpikingNetwork`` protocol (``models.resnet`` and
-``models.mlp`` implement it); the recurrent synapses are read off the LIF layers themselves.
+``models.mlp`` implement it; the spiking transformers also name the spike products of their
+attention, whose counting rule is in ``models.spikformer``); the recurrent synapses are read off the LIF layers themselves, and
+each layer's per-sample shape off the context that recorded it.
 """
 
 from __future__ import annotations
@@ -44,12 +52,13 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from models.neurons import LIF, Recurrence
+from models.neurons import LIF, Recurrence, neuron_context
 
 __all__ = [
     "E_MAC_PJ",
     "E_SOP_PJ",
     "SpikingNetwork",
+    "neuron_layers",
     "capture_spike_totals",
     "mean_firing_rate",
     "set_firing_recording",
@@ -82,17 +91,13 @@ class SpikingNetwork(Protocol):
 def capture_spike_totals(model: nn.Module) -> Iterator[list[tuple[Tensor, int]]]:
     """Inside the block, every LIF call of ``model`` appends ``(spike sum, neuron-timestep slots)``
     to the yielded list, the sum keeping its gradient (surrogate): what a firing-rate penalty
-    needs. Recomputations in backward (activation checkpointing) run after the block and add
-    nothing."""
-    totals: list[tuple[Tensor, int]] = []
-    lifs = [m for m in model.modules() if isinstance(m, LIF)]
-    for lif in lifs:
-        lif.spike_totals = totals
+    needs. Recomputations in backward (activation checkpointing) add nothing."""
+    context = neuron_context(model)
+    context.totals = totals = []
     try:
         yield totals
     finally:
-        for lif in lifs:
-            lif.spike_totals = None
+        context.totals = None
 
 
 def mean_firing_rate(totals: list[tuple[Tensor, int]]) -> Tensor:
@@ -104,16 +109,14 @@ def mean_firing_rate(totals: list[tuple[Tensor, int]]) -> Tensor:
 
 def set_firing_recording(model: nn.Module, on: bool) -> None:
     """Switch firing-count recording on or off for every LIF layer in ``model``."""
-    for module in model.modules():
-        if isinstance(module, LIF):
-            module.record_firing = on
+    neuron_context(model).counting = on
 
 
 def reset_firing_counts(model: nn.Module) -> None:
     """Zero the accumulated counts of every LIF layer in ``model``."""
-    for module in model.modules():
-        if isinstance(module, LIF):
-            module.spike_count = None
+    context = neuron_context(model)
+    context.counts.clear()
+    context.shapes.clear()
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -132,14 +135,25 @@ def firing_counts(model: nn.Module) -> dict[str, Tensor]:
         copies, so reducing them in place across ranks leaves the accumulators alone.
     """
     device = _model_device(model)
+    recorded = neuron_context(model).counts
     counts = {}
+    for name, module in neuron_layers(model):
+        count = recorded.get(module)
+        counts[name] = (torch.zeros(2, dtype=torch.float64, device=device) if count is None
+                        else count.detach().clone().to(device))
+    return counts
+
+
+def neuron_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The spiking layers of ``model`` by qualified name: its LIF layers, and the neuron modules
+    a brought network declares (``neuron_layers()``, ``models.foreign``)."""
+    layers = []
     for name, module in model.named_modules():
         if isinstance(module, LIF):
-            if module.spike_count is None:
-                counts[name] = torch.zeros(2, dtype=torch.float64, device=device)
-            else:
-                counts[name] = module.spike_count.detach().clone().to(device)
-    return counts
+            layers.append((name, module))
+        elif hasattr(type(module), "neuron_layers"):
+            layers += [(f"{name}.{inner}" if name else inner, m) for inner, m in module.neuron_layers()]
+    return layers
 
 
 def _valid_taps(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -166,9 +180,13 @@ def synapses_per_neuron(consumer: nn.Module, neuron_shape: tuple[int, ...]) -> f
     """Mean fan-out of a presynaptic neuron into ``consumer`` (definition in the module doc).
 
     Args:
-        consumer: the ``nn.Conv2d`` or ``nn.Linear`` its spikes feed.
+        consumer: the ``nn.Conv2d`` or ``nn.Linear`` its spikes feed, or a module that states
+            its own fan-out with a ``synapses_per_neuron(neuron_shape)`` method (the spike
+            products of attention, folded convolutions: ``models.spikformer``).
         neuron_shape: per-sample shape of the presynaptic layer, ``[C, H, W]`` or ``[C]``.
     """
+    if hasattr(type(consumer), "synapses_per_neuron"):
+        return float(consumer.synapses_per_neuron(neuron_shape))
     if isinstance(consumer, nn.Linear):
         return float(consumer.out_features)
     if isinstance(consumer, nn.Conv2d):
@@ -180,15 +198,26 @@ def synapses_per_neuron(consumer: nn.Module, neuron_shape: tuple[int, ...]) -> f
     raise TypeError(f"no fan-out rule for {type(consumer).__name__}; expected Conv2d or Linear")
 
 
-def recurrent_synapses_per_neuron(lif: LIF) -> int:
-    """Synapses from one neuron of ``lif`` back into its own layer: 0 without recurrence, 1 for
-    self, C (``num_features``) for lateral."""
+def recurrent_synapses_per_neuron(lif: LIF, neuron_shape: tuple[int, ...]) -> float:
+    """Mean number of synapses from one neuron of ``lif`` back into its own layer: 0 without
+    recurrence, 1 for self, C (``num_features``) for lateral and for full on vectors, and for
+    full on feature maps the mean fan-out of its k x k convolution (taps inside the map only).
+
+    Args:
+        neuron_shape: per-sample shape of the layer, ``[C, H, W]`` or ``[C]``.
+    """
     recurrence = lif.spec.recurrence
     if recurrence is Recurrence.none:
         return 0
     if recurrence is Recurrence.self:
         return 1
-    return lif.num_features
+    weight = lif.recurrent_weight
+    if weight.ndim == 2:  # lateral, or full on vectors: the [C, C] matrix
+        return lif.num_features
+    channels, height, width = neuron_shape
+    k = weight.shape[-1]
+    taps = _valid_taps(height, k, 1, k // 2, 1) * _valid_taps(width, k, 1, k // 2, 1)
+    return channels * taps / (height * width)
 
 
 def conv_macs(conv: nn.Conv2d, in_shape: tuple[int, int, int]) -> int:
@@ -231,6 +260,7 @@ def firing_report(counts: dict[str, Tensor], model: nn.Module, images: int) -> d
         raise ValueError(f"firing_report: images must be > 0, got {images}")
     prefix, network = _find_network(model)
     consumers = network.spike_consumers()
+    shapes = neuron_context(model).shapes
     report: dict[str, float] = {}
     total_spikes = total_slots = sops = 0.0
     for name, count in counts.items():
@@ -243,11 +273,13 @@ def firing_report(counts: dict[str, Tensor], model: nn.Module, images: int) -> d
             raise KeyError(f"firing_report: {name} is not a neuron layer of {type(network).__name__}")
         if spikes:
             lif = model.get_submodule(name)
-            if lif.neuron_shape is None:
+            shape = shapes.get(lif)
+            if shape is None:
                 raise ValueError(f"firing_report: {name} has spikes but never recorded its shape")
             for consumer in consumers[relative]:
-                sops += spikes * synapses_per_neuron(network.get_submodule(consumer), lif.neuron_shape)
-            sops += spikes * recurrent_synapses_per_neuron(lif)
+                sops += spikes * synapses_per_neuron(network.get_submodule(consumer), shape)
+            if isinstance(lif, LIF):  # a brought network's neurons declare no recurrence
+                sops += spikes * recurrent_synapses_per_neuron(lif, shape)
     rate = total_spikes / total_slots if total_slots else 0.0
     report["firing_rate_mean"] = rate
     report["sparsity_mean"] = 1.0 - rate

@@ -58,10 +58,10 @@ class MSBasicBlock(nn.Module):
     def __init__(self, in_ch: int, ch: int, stride: int, neuron: NeuronConfig):
         super().__init__()
         v_th = neuron.v_threshold
-        self.lif1 = LIF(in_ch, neuron)
+        self.lif1 = LIF(in_ch, neuron, spatial=True)
         self.conv1 = _conv(in_ch, ch, 3, stride)
         self.bn1 = TdBN(ch, 1.0, v_th)
-        self.lif2 = LIF(ch, neuron)
+        self.lif2 = LIF(ch, neuron, spatial=True)
         self.conv2 = _conv(ch, ch, 3)
         self.bn2 = TdBN(ch, RESIDUAL_ALPHA, v_th)
         nn.init.zeros_(self.bn2.weight)  # the block starts as the identity on the membrane path
@@ -106,7 +106,7 @@ class MSResNet(SpikingResNet):
                          num_classes=num_classes, in_chans=in_chans, neuron=neuron)
         # The stem's current goes on along the membrane path; the first block's LIF reads it.
         del self.lif1
-        self.lif_out = LIF(self.num_features, self.neuron)
+        self.lif_out = LIF(self.num_features, self.neuron, spatial=True)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``[B, C, H, W]`` or sequences ``[T', B, C, H, W]`` -> spikes of ``lif_out``

@@ -9,10 +9,16 @@ specification; a fused kernel must reproduce it)::
            h[t] - V_th * o[t]                    reset = soft (subtract the threshold)
            h[t]                                  reset = none
 
-- ``d = tau_decay`` with leak, ``d = 1`` without (IF); the resting potential is 0.
-- ``r[t] = w * o[t-1]`` (recurrence = self, ``w`` per channel), ``W @ o[t-1]`` over the channel
-  axis (recurrence = lateral: dense for linear layers, a 1x1 convolution for conv layers; it is
-  the same ``[C, C]`` matrix applied at every position), 0 for none.
+- Leak: ``d = tau_decay`` (normal), ``d = 1`` (none: IF), ``d = 0`` (complete: ``h[t] = x[t] +
+  r[t]``, the membrane holds only the current input); the resting potential is 0.
+- Recurrence, on the layer's own spikes of the previous step: ``r[t] = w * o[t-1]`` (self, ``w``
+  per channel); ``W @ o[t-1]`` over the channel axis (lateral: dense for linear layers, a 1x1
+  convolution for conv layers, the same ``[C, C]`` matrix at every position); full, the
+  functional-roles paper's N x N matrix within the layer: on a layer of vectors ``[B, C]`` it is
+  that dense ``[C, C]`` matrix (the same as lateral), on a layer of feature maps ``[B, C, H, W]``
+  a 3x3 convolution C -> C with padding 1, ``V * o[t-1]``: every neuron receives from every
+  channel at its own and the 8 neighbouring positions (lateral is its 1x1 special case; a dense
+  ``C*H*W`` square matrix would hold 10^10 weights at ResNet sizes); 0 for none.
 - ``v[-1] = 0`` and ``o[-1] = 0`` unless a ``LIFState`` is passed in.
 - With hard reset and ``v_reset = 0`` this is STBP-tdBN's ``u[t] = tau * u[t-1] * (1 - o[t-1]) +
   x[t]`` (their ``u`` is ``h`` here).
@@ -23,30 +29,57 @@ Shapes: inputs and spikes are ``[T, B, C, ...]`` (time first, channel at dim 2);
 state is ``[B, C, ...]``. The membrane is accumulated in fp32 (fp64 for fp64 inputs) whatever
 the input dtype; spikes come back in the input dtype.
 
-The op is called through one dispatch point: ``register_neuron_impl`` adds an implementation
-(e.g. a fused CUDA kernel) with a predicate on (input, spec); the first registered one whose
-predicate accepts wins, the PyTorch reference takes everything else. ``neuron_impl_for`` says
-which one a call would use, and ``impl=`` forces one (errors if it does not accept the call).
+The op is called through one dispatch point (``models.dispatch``): a fused kernel registers
+itself there with a predicate on (input, spec) (``models.kernels``, imported here so every user
+of the op gets the same choice); the first one whose predicate accepts wins, the PyTorch
+reference takes everything else, and a variant a kernel leaves to the reference on its own
+device (e.g. lateral and full recurrence on CUDA) is logged once. ``neuron_impl_for`` says which
+implementation a call would use, and ``impl=`` forces one (errors if it does not accept the call).
+
+What a network tells its layers and what they report (time chunk, firing counts, spike totals)
+goes through one ``NeuronContext`` (``models.neuron_context``) the network's layers share.
 
 ``NeuronConfig``, its enums and ``NeuronConfigError`` are defined in ``models.neuron_config``
-(standard library only, for the config schema) and re-exported here.
+(standard library only, for the config schema) and re-exported here, as are ``LIFSpec``,
+``LIFState`` and the registry of ``models.dispatch``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from models.neuron_config import NeuronConfig, NeuronConfigError, Recurrence, Reset, Surrogate, as_neuron_config
+import models.kernels  # noqa: F401  (the fused kernels register with the dispatch)
+from models.dispatch import (
+    REFERENCE_IMPL,
+    LIFSpec,
+    LIFState,
+    NeuronImplFn,
+    neuron_impl_for,
+    neuron_impls,
+    register_neuron_impl,
+    select,
+)
+from models.neuron_config import (
+    Leak,
+    NeuronConfig,
+    NeuronConfigError,
+    Recurrence,
+    Reset,
+    Surrogate,
+    as_neuron_config,
+)
+from models.neuron_context import NeuronContext
 from models.surrogates import spike
 
 __all__ = [
+    "Leak",
     "Reset",
     "Recurrence",
     "Surrogate",
@@ -61,115 +94,17 @@ __all__ = [
     "neuron_impls",
     "REFERENCE_IMPL",
     "LIF",
+    "NeuronContext",
+    "neuron_context",
+    "FULL_RECURRENCE_KERNEL",
 ]
 
-
-@dataclass(frozen=True)
-class LIFSpec:
-    """The static part of a neuron configuration: what selects the code path, not the values
-    that are learned. Hashable, so implementations can cache compiled variants on it."""
-
-    reset: Reset
-    v_reset: float
-    detach_reset: bool
-    recurrence: Recurrence
-    surrogate: Surrogate
-    surrogate_width: float
-
-    @classmethod
-    def from_config(cls, cfg: NeuronConfig) -> LIFSpec:
-        return cls(
-            reset=cfg.reset,
-            v_reset=cfg.v_reset,
-            detach_reset=cfg.detach_reset,
-            recurrence=cfg.recurrence,
-            surrogate=cfg.surrogate,
-            surrogate_width=cfg.surrogate_width,
-        )
-
-
-class LIFState(NamedTuple):
-    """Neuron state after the last step of a call, to continue a sequence in the next call.
-
-    Attributes:
-        v: membrane after reset, ``[B, C, ...]``, fp32 (fp64 for fp64 inputs).
-        spike: spikes of the last step, ``[B, C, ...]``, same dtype as ``v`` (needed by
-            recurrence).
-    """
-
-    v: Tensor
-    spike: Tensor
-
-
-# (x, decay, v_threshold, recurrent_weight, state, spec) -> (spikes [T, B, ...], final state).
-# decay / v_threshold are Python floats or per-channel [C] tensors; recurrent_weight is None,
-# [C] (self) or [C, C] (lateral).
-# (x, decay, v_threshold, recurrent_weight, state, spec, *, return_state) -> (spikes, final
-# state, or None when return_state is False and the implementation skipped it)
-NeuronImplFn = Callable[..., "tuple[Tensor, LIFState | None]"]
-NeuronImplPredicate = Callable[[Tensor, LIFSpec], bool]
-
-REFERENCE_IMPL = "reference"
-
-
-@dataclass(frozen=True)
-class _NeuronImpl:
-    name: str
-    predicate: NeuronImplPredicate
-    fn: NeuronImplFn
-
-
-_NEURON_IMPLS: list[_NeuronImpl] = []
-
-
-def register_neuron_impl(name: str, predicate: NeuronImplPredicate, fn: NeuronImplFn) -> None:
-    """Add an implementation of the LIF op (e.g. a fused CUDA kernel) to the dispatch.
-
-    Args:
-        name: unique name, reported by ``neuron_impl_for`` and accepted by ``impl=``.
-        predicate: ``(x [T, B, C, ...], spec) -> bool``, whether ``fn`` handles this call; must
-            depend only on static properties (device, dtype, shape, spec) so the choice is
-            deterministic.
-        fn: the implementation, with the ``NeuronImplFn`` signature; it must match the
-            reference (spikes, final state and gradients).
-
-    Implementations are tried in registration order; the reference takes what none accepts.
-    """
-    if name == REFERENCE_IMPL or any(impl.name == name for impl in _NEURON_IMPLS):
-        raise ValueError(f"a neuron implementation named {name!r} is already registered")
-    _NEURON_IMPLS.append(_NeuronImpl(name, predicate, fn))
-
-
-def neuron_impls() -> list[str]:
-    """Names of the implementations in dispatch order; the reference is always last."""
-    return [impl.name for impl in _NEURON_IMPLS] + [REFERENCE_IMPL]
-
-
-def neuron_impl_for(x: Tensor, spec: LIFSpec) -> str:
-    """Name of the implementation ``lif_multistep`` uses for input ``x`` and ``spec``."""
-    for impl in _NEURON_IMPLS:
-        if impl.predicate(x, spec):
-            return impl.name
-    return REFERENCE_IMPL
+#: Kernel size of full recurrence on feature maps (a k x k convolution C -> C, padding k // 2).
+FULL_RECURRENCE_KERNEL = 3
 
 
 def _impl_fn(x: Tensor, spec: LIFSpec, impl: str | None) -> NeuronImplFn:
-    if impl is None:
-        for candidate in _NEURON_IMPLS:
-            if candidate.predicate(x, spec):
-                return candidate.fn
-        return _lif_reference
-    if impl == REFERENCE_IMPL:
-        return _lif_reference
-    for candidate in _NEURON_IMPLS:
-        if candidate.name == impl:
-            if not candidate.predicate(x, spec):
-                raise ValueError(
-                    f"neuron implementation {impl!r} does not accept input "
-                    f"{tuple(x.shape)} {x.dtype} on {x.device} with {spec}"
-                )
-            return candidate.fn
-    raise ValueError(f"unknown neuron implementation {impl!r}; registered: {neuron_impls()}")
+    return select(x, spec, impl) or _lif_reference
 
 
 def _per_channel(p: Tensor | float, step_ndim: int) -> Tensor | float:
@@ -212,7 +147,9 @@ def _lif_reference(
         h = decay * v + x_t.to(acc)
         if spec.recurrence is Recurrence.self:
             h = h + recurrent_weight * o
-        elif spec.recurrence is Recurrence.lateral:
+        elif recurrent_weight is not None and recurrent_weight.ndim == 4:  # full, on feature maps
+            h = h + F.conv2d(o, recurrent_weight, padding=recurrent_weight.shape[-1] // 2)
+        elif recurrent_weight is not None:  # lateral, or full on vectors: the [C, C] matrix
             h = h + torch.einsum("ij,bj...->bi...", recurrent_weight, o)
         o = spike(h - v_threshold, spec.surrogate, spec.surrogate_width)
         o_reset = o.detach() if spec.detach_reset else o
@@ -239,6 +176,30 @@ def _check_input(x: Tensor, num_features: int | None) -> None:
         )
 
 
+def _check_recurrent_weight(x: Tensor, spec: LIFSpec, weight: Tensor | None) -> None:
+    """The weight's shape against the recurrence and the input (shapes in ``lif_multistep``)."""
+    if (spec.recurrence is not Recurrence.none) != (weight is not None):
+        raise ValueError(
+            f"recurrent_weight must be given exactly when recurrence is not none "
+            f"(recurrence = {spec.recurrence.value})"
+        )
+    if weight is None:
+        return
+    c, shape = weight.shape[0], tuple(weight.shape)
+    if spec.recurrence is Recurrence.self:
+        fits = shape == (c,)
+    elif spec.recurrence is Recurrence.lateral or x.ndim == 3:  # lateral, or full on vectors
+        fits = shape == (c, c)
+    elif x.ndim == 5:  # full on feature maps: a k x k convolution, k odd
+        fits = len(shape) == 4 and shape[:2] == (c, c) and shape[2] == shape[3] and shape[2] % 2 == 1
+    else:
+        raise ValueError(f"recurrence full needs vectors [T, B, C] or feature maps [T, B, C, H, W], "
+                         f"got input {tuple(x.shape)}")
+    if not fits:
+        raise ValueError(f"recurrent_weight {shape} does not fit recurrence {spec.recurrence.value} on "
+                         f"input {tuple(x.shape)} (see lif_multistep's recurrent_weight)")
+
+
 def lif_multistep(
     x: Tensor,
     neuron: NeuronConfig | Mapping[str, Any] | None = None,
@@ -257,8 +218,10 @@ def lif_multistep(
         neuron: configuration (defaults if None); its static parts select the code path.
         decay: per-channel decay ``[C]`` in [0, 1] replacing ``tau_decay`` (learnable decay).
         v_threshold: per-channel threshold ``[C]`` replacing ``neuron.v_threshold``.
-        recurrent_weight: ``[C]`` for self recurrence, ``[C, C]`` for lateral; required
-            exactly when ``neuron.recurrence`` is not none.
+        recurrent_weight: ``[C]`` for self recurrence, ``[C, C]`` for lateral and for full
+            on vectors ``[T, B, C]``, ``[C, C, k, k]`` (k odd, padding k // 2) for full on
+            feature maps ``[T, B, C, H, W]``; required exactly when ``neuron.recurrence`` is
+            not none.
         state: state from a previous call to continue the sequence; zeros if None.
         return_state: also return the state after the last step.
         impl: force an implementation by name (``neuron_impls()``); None dispatches.
@@ -268,21 +231,16 @@ def lif_multistep(
     """
     cfg = as_neuron_config(neuron)
     spec = LIFSpec.from_config(cfg)
-    needs_weight = spec.recurrence is not Recurrence.none
-    if needs_weight != (recurrent_weight is not None):
-        raise ValueError(
-            f"recurrent_weight must be given exactly when recurrence is not none "
-            f"(recurrence = {spec.recurrence.value})"
-        )
     per_channel = decay is not None or v_threshold is not None or recurrent_weight is not None
     channels = None
     if per_channel:
         channels = next(p.shape[0] for p in (decay, v_threshold, recurrent_weight) if p is not None)
     _check_input(x, channels)
+    _check_recurrent_weight(x, spec, recurrent_weight)
     if decay is None:
-        decay = cfg.tau_decay if cfg.leak else 1.0
-    elif not cfg.leak:
-        raise ValueError("decay was given but neuron.leak is false (IF has no decay)")
+        decay = cfg.decay
+    elif cfg.leak is not Leak.normal:
+        raise ValueError(f"decay was given but neuron.leak is {cfg.leak.value} (its decay is fixed)")
     if v_threshold is None:
         v_threshold = cfg.v_threshold
     spikes, final = _impl_fn(x, spec, impl)(x, decay, v_threshold, recurrent_weight, state, spec,
@@ -293,20 +251,27 @@ def lif_multistep(
 class LIF(nn.Module):
     """A layer of LIF neurons: ``[T, B, C, ...] -> [T, B, C, ...]`` spikes.
 
-    Holds only parameters (learnable decay, threshold, recurrent weights, per channel) and the
-    firing-statistics switch used by ``models.firing``; the membrane lives inside each call.
+    Holds only parameters (learnable decay, threshold, recurrent weights) and the
+    ``NeuronContext`` it shares with the other layers of its network (``neuron_context``); the
+    membrane lives inside each call.
 
     Args:
         num_features: channels C (dim 2 of the input).
         neuron: ``NeuronConfig``, a mapping of its fields, or None for the defaults.
+        spatial: the neurons form feature maps ``[C, H, W]`` (the layer follows a convolution):
+            full recurrence is then a 3x3 convolution of the previous spike map; else they are
+            a vector ``[C]`` and full recurrence the dense ``[C, C]`` matrix. Only full
+            recurrence depends on it, and its input must then be of that kind.
     """
 
-    def __init__(self, num_features: int, neuron: NeuronConfig | Mapping[str, Any] | None = None):
+    def __init__(self, num_features: int, neuron: NeuronConfig | Mapping[str, Any] | None = None, *,
+                 spatial: bool = False):
         super().__init__()
         cfg = as_neuron_config(neuron)
         self.num_features = num_features
         self.neuron = cfg
         self.spec = LIFSpec.from_config(cfg)
+        self.spatial = spatial
         self.decay_logit = (
             nn.Parameter(torch.full((num_features,), math.log(cfg.tau_decay / (1 - cfg.tau_decay))))
             if cfg.learnable_decay
@@ -318,28 +283,24 @@ class LIF(nn.Module):
             else None
         )
         # Zero recurrent weights: training starts from the plain neuron and learns the loop.
-        if cfg.recurrence is Recurrence.self:
-            self.recurrent_weight = nn.Parameter(torch.zeros(num_features))
-        elif cfg.recurrence is Recurrence.lateral:
-            self.recurrent_weight = nn.Parameter(torch.zeros(num_features, num_features))
-        else:
-            self.recurrent_weight = None
-        # Firing statistics (models.firing): off by default, and then never touched in forward.
-        # The counts are a plain attribute, not a buffer, so DDP does not broadcast them.
-        self.record_firing = False
-        # Firing-rate regularisation (models.firing.capture_spike_totals): while a list is set,
-        # each call appends (spike sum with its gradient, neuron-timestep slots).
-        self.spike_totals: list[tuple[Tensor, int]] | None = None
-        # Activation checkpointing over time (``set_time_chunk``): None runs all T steps at once.
-        self.time_chunk: int | None = None
-        self.spike_count: Tensor | None = None  # float64 [spikes, neuron slots]
-        self.neuron_shape: tuple[int, ...] | None = None  # [C, ...] of the last recorded call
+        shape = {
+            Recurrence.none: None,
+            Recurrence.self: (num_features,),
+            Recurrence.lateral: (num_features, num_features),
+            Recurrence.full: (num_features, num_features, *(
+                (FULL_RECURRENCE_KERNEL, FULL_RECURRENCE_KERNEL) if spatial else ())),
+        }[cfg.recurrence]
+        self.recurrent_weight = nn.Parameter(torch.zeros(shape)) if shape is not None else None
+        # A plain attribute, not a buffer or a submodule: DDP does not broadcast it, and the
+        # state dict does not hold it. Its own until a network shares one (neuron_context).
+        self.context = NeuronContext()
 
     def decay(self) -> Tensor | float:
-        """Membrane decay: ``[C]`` tensor if learnable, else ``tau_decay`` (1 without leak)."""
+        """Membrane decay: ``[C]`` tensor if learnable, else the config's (``tau_decay``, 1 for
+        leak none, 0 for leak complete)."""
         if self.decay_logit is not None:
             return torch.sigmoid(self.decay_logit)
-        return self.neuron.tau_decay if self.neuron.leak else 1.0
+        return self.neuron.decay
 
     def threshold(self) -> Tensor | float:
         """Firing threshold: ``[C]`` tensor if learnable, else ``v_threshold``."""
@@ -351,8 +312,12 @@ class LIF(nn.Module):
         """Spikes ``[T, B, C, ...]`` in ``x.dtype`` for input current ``x [T, B, C, ...]``;
         ``state``/``return_state`` as in ``lif_multistep``."""
         _check_input(x, self.num_features)
+        if self.spec.recurrence is Recurrence.full and x.ndim != (5 if self.spatial else 3):
+            built = "feature maps [T, B, C, H, W]" if self.spatial else "vectors [T, B, C]"
+            raise ValueError(f"LIF with full recurrence was built for {built} (spatial={self.spatial}), "
+                             f"got input {tuple(x.shape)}")
         fn = _impl_fn(x, self.spec, None)
-        chunk = self.time_chunk
+        chunk = self.context.time_chunk
         # Only the reference loop keeps per-step intermediates worth chunking; a fused kernel
         # saves its input and its own chunk states already.
         if (chunk is not None and fn is _lif_reference and x.shape[0] > chunk and self.training
@@ -361,22 +326,26 @@ class LIF(nn.Module):
         else:
             spikes, final = fn(x, self.decay(), self.threshold(), self.recurrent_weight, state,
                                self.spec, return_state=return_state)
-        if self.spike_totals is not None:
-            self.spike_totals.append((spikes.sum(dtype=torch.float32), spikes.numel()))
-        if self.record_firing:
-            self._record_firing(spikes)
+        if self.context.recording:
+            self.context.record(self, spikes)
         return (spikes, final) if return_state else spikes
+
+    @property
+    def time_chunk(self) -> int | None:
+        """Steps per checkpointed chunk of the time loop (``set_time_chunk``), None for all T."""
+        return self.context.time_chunk
 
     def set_time_chunk(self, steps: int | None) -> None:
         """Checkpoint the time loop in chunks of ``steps`` steps while training with gradients
-        (the reference implementation; fused kernels save only their input already).
+        (the reference implementation; fused kernels save only their input already), for every
+        layer sharing this layer's context (a network's, once ``neuron_context`` shared it).
 
         Each chunk is recomputed in backward from its input and the membrane state carried in
         from the previous chunk, so the neuron keeps the per-step intermediates of one chunk
         instead of all T (exact: the same arithmetic runs again). None turns it off."""
         if steps is not None and steps < 1:
             raise ValueError(f"time chunk must be >= 1 step, got {steps}")
-        self.time_chunk = steps
+        self.context.time_chunk = steps
 
     def _run_in_time_chunks(
         self, fn: NeuronImplFn, x: Tensor, state: LIFState | None, chunk: int, return_state: bool
@@ -395,26 +364,34 @@ class LIF(nn.Module):
             out.append(spikes_c)
         return torch.cat(out), (LIFState(v, o) if return_state else None)
 
-    def _record_firing(self, spikes: Tensor) -> None:
-        # In-place adds on a device tensor: no host synchronisation per step.
-        if self.spike_count is None:
-            self.spike_count = torch.zeros(2, dtype=torch.float64, device=spikes.device)
-        elif self.spike_count.device != spikes.device:  # the model moved since the last reset
-            self.spike_count = self.spike_count.to(spikes.device)
-        self.spike_count[0] += spikes.detach().sum(dtype=torch.float64)
-        self.spike_count[1] += spikes.numel()
-        self.neuron_shape = tuple(spikes.shape[2:])
-
     def extra_repr(self) -> str:
         cfg = self.neuron
-        decay = "learnable" if cfg.learnable_decay else (cfg.tau_decay if cfg.leak else "none (IF)")
+        decay = "learnable" if cfg.learnable_decay else {
+            Leak.normal: cfg.tau_decay, Leak.none: "1 (leak none: IF)", Leak.complete: "0 (leak complete)"}[cfg.leak]
         return (
             f"{self.num_features}, decay={decay}, v_threshold={cfg.v_threshold}"
             f"{' (learnable)' if cfg.learnable_threshold else ''}, reset={cfg.reset.value}, "
-            f"recurrence={cfg.recurrence.value}, surrogate={cfg.surrogate.value}({cfg.surrogate_width})"
+            f"recurrence={cfg.recurrence.value}{' (3x3 conv)' if self.recurrent_weight is not None and self.recurrent_weight.ndim == 4 else ''}, "
+            f"surrogate={cfg.surrogate.value}({cfg.surrogate_width})"
         )
 
 
-# The fused kernels register themselves with the dispatch above (Triton's LIF, when Triton is
-# installed): imported here, every user of the neuron op gets the same choice of implementation.
-import models.kernels  # noqa: E402,F401
+def neuron_context(model: nn.Module) -> NeuronContext:
+    """The one ``NeuronContext`` every LIF layer of ``model`` shares, made shared on first use
+    (a fresh one when the layers hold different ones; its settings start at their defaults).
+    A model without LIF layers gets a fresh context nothing reports to; a brought network
+    (``models.foreign.ForeignModel``: it declares ``neuron_layers()``) has its own, which its
+    neuron modules report to from hooks."""
+    for module in model.modules():
+        if hasattr(type(module), "neuron_layers"):
+            return module.context
+    lifs = [m for m in model.modules() if isinstance(m, LIF)]
+    if not lifs:
+        return NeuronContext()
+    contexts = {id(lif.context): lif.context for lif in lifs}
+    if len(contexts) == 1:
+        return lifs[0].context
+    shared = NeuronContext()
+    for lif in lifs:
+        lif.context = shared
+    return shared

@@ -75,13 +75,13 @@ class BasicBlock(nn.Module):
         out_ch = ch * self.expansion
         self.conv1 = _conv(in_ch, ch, 3, stride)
         self.bn1 = TdBN(ch, 1.0, v_th)
-        self.lif1 = LIF(ch, neuron)
+        self.lif1 = LIF(ch, neuron, spatial=True)
         self.conv2 = _conv(ch, out_ch, 3)
         self.bn2 = TdBN(out_ch, RESIDUAL_ALPHA, v_th)
         self.downsample = (
             Downsample(in_ch, out_ch, stride, v_th) if stride != 1 or in_ch != out_ch else None
         )
-        self.lif2 = LIF(out_ch, neuron)
+        self.lif2 = LIF(out_ch, neuron, spatial=True)
 
     def forward(self, x: Tensor) -> Tensor:
         steps, s = x.shape[0], _time_fold(x)
@@ -117,16 +117,16 @@ class Bottleneck(nn.Module):
         out_ch = ch * self.expansion
         self.conv1 = _conv(in_ch, ch, 1)
         self.bn1 = TdBN(ch, 1.0, v_th)
-        self.lif1 = LIF(ch, neuron)
+        self.lif1 = LIF(ch, neuron, spatial=True)
         self.conv2 = _conv(ch, ch, 3, stride)
         self.bn2 = TdBN(ch, 1.0, v_th)
-        self.lif2 = LIF(ch, neuron)
+        self.lif2 = LIF(ch, neuron, spatial=True)
         self.conv3 = _conv(ch, out_ch, 1)
         self.bn3 = TdBN(out_ch, RESIDUAL_ALPHA, v_th)
         self.downsample = (
             Downsample(in_ch, out_ch, stride, v_th) if stride != 1 or in_ch != out_ch else None
         )
-        self.lif3 = LIF(out_ch, neuron)
+        self.lif3 = LIF(out_ch, neuron, spatial=True)
 
     def forward(self, x: Tensor) -> Tensor:
         steps, s = x.shape[0], _time_fold(x)
@@ -192,7 +192,7 @@ class SpikingResNet(SpikingClassifier):
             self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         self.bn1 = TdBN(stem_width, 1.0, cfg.v_threshold)
-        self.lif1 = LIF(stem_width, cfg)
+        self.lif1 = LIF(stem_width, cfg, spatial=True)
 
         in_ch = stem_width
         stages = []

@@ -75,7 +75,7 @@ class SEWDownsample(nn.Module):
         super().__init__()
         self.conv = _conv(in_ch, out_ch, 1, stride)
         self.bn = TdBN(out_ch, 1.0, neuron.v_threshold)
-        self.lif = LIF(out_ch, neuron)
+        self.lif = LIF(out_ch, neuron, spatial=True)
 
     def forward(self, s: Tensor, steps: int) -> Tensor:
         """Folded spikes ``[T*B, in_ch, H, W]`` -> spikes ``[T, B, out_ch, H/stride, W/stride]``."""
@@ -97,10 +97,10 @@ class SEWBasicBlock(nn.Module):
         v_th = neuron.v_threshold
         self.conv1 = _conv(in_ch, ch, 3, stride)
         self.bn1 = TdBN(ch, 1.0, v_th)
-        self.lif1 = LIF(ch, neuron)
+        self.lif1 = LIF(ch, neuron, spatial=True)
         self.conv2 = _conv(ch, ch, 3)
         self.bn2 = TdBN(ch, 1.0, v_th)
-        self.lif2 = LIF(ch, neuron)
+        self.lif2 = LIF(ch, neuron, spatial=True)
         self.downsample = SEWDownsample(in_ch, ch, stride, neuron) if stride != 1 or in_ch != ch else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -140,13 +140,13 @@ class SEWBottleneck(nn.Module):
         out_ch = ch * self.expansion
         self.conv1 = _conv(in_ch, ch, 1)
         self.bn1 = TdBN(ch, 1.0, v_th)
-        self.lif1 = LIF(ch, neuron)
+        self.lif1 = LIF(ch, neuron, spatial=True)
         self.conv2 = _conv(ch, ch, 3, stride)
         self.bn2 = TdBN(ch, 1.0, v_th)
-        self.lif2 = LIF(ch, neuron)
+        self.lif2 = LIF(ch, neuron, spatial=True)
         self.conv3 = _conv(ch, out_ch, 1)
         self.bn3 = TdBN(out_ch, 1.0, v_th)
-        self.lif3 = LIF(out_ch, neuron)
+        self.lif3 = LIF(out_ch, neuron, spatial=True)
         self.downsample = (
             SEWDownsample(in_ch, out_ch, stride, neuron) if stride != 1 or in_ch != out_ch else None
         )

@@ -1,7 +1,7 @@
 """Fused GPU kernels for the ops in ``models``.
 
 ``lif_triton`` is the Triton implementation of the LIF neuron op; importing it registers it with
-the neuron dispatch (``models.neurons.register_neuron_impl``) under the name ``"triton"``, for
+the neuron dispatch (``models.dispatch.register_neuron_impl``) under the name ``"triton"``, for
 CUDA inputs. Without Triton installed nothing is registered and the PyTorch reference serves
 every call; a Triton that is installed but fails to import is an error, not a silent fallback.
 """

@@ -4,10 +4,12 @@ loop over time inside.
 The dynamics are those of ``models.neurons`` (its module docstring and ``_lif_reference`` are the
 specification): ``h = d * v + x (+ w * o_prev)``, ``o = H(h - V_th)``, hard / soft / no reset,
 every surrogate of ``models.surrogates``, recurrence ``none`` or ``self``, ``detach_reset``,
-scalar or per-channel (learnable) decay and threshold, an initial state in and the final state
-out. ``lateral`` recurrence mixes channels through a matrix and stays with the reference. The
-forward does the reference's fp32 operations in the reference's order, with fused multiply-adds
-turned off, so spikes and membrane are bit-identical to the reference's.
+every leak (normal, none, complete: the decay is a value, 1 or 0), scalar or per-channel
+(learnable) decay and threshold, an initial state in and the final state out. ``lateral`` and
+``full`` recurrence mix neurons through a matrix or a convolution and stay with the reference
+(``declines`` says so, logged once by the dispatch). The forward does the reference's fp32
+operations in the reference's order, with fused multiply-adds turned off, so spikes and
+membrane are bit-identical to the reference's.
 
 Memory traffic and what backward keeps
 --------------------------------------
@@ -57,10 +59,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from models.neurons import LIFSpec, LIFState, Recurrence, Reset, register_neuron_impl
-from models.surrogates import Surrogate
+from models.dispatch import LIFSpec, LIFState, register_neuron_impl
+from models.neuron_config import Recurrence, Reset, Surrogate
 
-__all__ = ["lif_triton", "accepts", "SUPPORTED_DTYPES", "INTERPRET"]
+__all__ = ["lif_triton", "accepts", "declines", "SUPPORTED_DTYPES", "INTERPRET"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Read once, like Triton reads it when the kernels below are decorated: interpreted kernels run
@@ -659,17 +661,28 @@ lif_forward.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 
 
+_COVERED_RECURRENCE = (Recurrence.none, Recurrence.self)
+
+
+def _takes_input(x: Tensor) -> bool:
+    """fp32/bf16/fp16 on CUDA (or on the CPU under ``TRITON_INTERPRET=1``), fewer than 2**31
+    elements (the kernels use 32-bit offsets)."""
+    return ((x.is_cuda or (INTERPRET and x.device.type == "cpu")) and x.dtype in SUPPORTED_DTYPES
+            and x.ndim >= 2 and 0 < x.numel() < 2**31)
+
+
 def accepts(x: Tensor, spec: LIFSpec) -> bool:
-    """Whether the fused kernels take this call: recurrence none or self, fp32/bf16/fp16 input
-    on CUDA (or on the CPU under ``TRITON_INTERPRET=1``) with fewer than 2**31 elements (the
-    kernels use 32-bit offsets)."""
-    return (
-        (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
-        and spec.recurrence in (Recurrence.none, Recurrence.self)
-        and x.dtype in SUPPORTED_DTYPES
-        and x.ndim >= 2
-        and 0 < x.numel() < 2**31
-    )
+    """Whether the fused kernels take this call: recurrence none or self, on an input they take
+    (``_takes_input``)."""
+    return spec.recurrence in _COVERED_RECURRENCE and _takes_input(x)
+
+
+def declines(x: Tensor, spec: LIFSpec) -> str | None:
+    """Why an input the kernels take runs the reference loop: a recurrence they do not cover."""
+    if _takes_input(x) and spec.recurrence not in _COVERED_RECURRENCE:
+        return (f"recurrence={spec.recurrence.value} runs the PyTorch reference loop on {x.device.type} "
+                "(the fused Triton kernel covers recurrence none and self)")
+    return None
 
 
 def lif_triton(
@@ -720,4 +733,4 @@ def lif_triton(
     return spikes, (LIFState(v_last, o_last) if return_state else None)
 
 
-register_neuron_impl("triton", accepts, lif_triton)
+register_neuron_impl("triton", accepts, lif_triton, declines)

@@ -8,7 +8,7 @@ from torch.autograd.graph import saved_tensors_hooks
 import models.zoo  # noqa: F401  (registers the spiking models)
 from models import checkpointing
 from models.checkpointing import pack_spikes, unpack_spikes
-from models.firing import firing_counts, set_firing_recording
+from models.firing import capture_spike_totals, firing_counts, set_firing_recording
 from models.neurons import LIF, LIFState
 
 
@@ -195,3 +195,23 @@ def test_unknown_checkpointing_mode_is_refused():
     model = timm.create_model("spiking_resnet_tiny", T=2)
     with pytest.raises(ValueError, match="blocks\\+time"):
         model.set_checkpointing("time")
+
+
+@pytest.mark.parametrize("mode", ["blocks", "blocks+time"])
+def test_a_recomputation_in_backward_reports_nothing_to_the_neuron_context(mode, monkeypatch):
+    # Backward inside capture_spike_totals: every block is recomputed there, its LIFs run again,
+    # and still each LIF reports once (spike totals and counts alike: one switch covers both).
+    runs = []
+    real = LIF.forward
+    monkeypatch.setattr(LIF, "forward", lambda self, *a, **k: runs.append(self) or real(self, *a, **k))
+    torch.manual_seed(0)
+    model = timm.create_model("spiking_resnet_tiny", T=3).train()
+    model.set_checkpointing(mode, time_chunk=2)
+    set_firing_recording(model, True)
+    lifs = [m for m in model.modules() if isinstance(m, LIF)]
+    with capture_spike_totals(model) as totals:
+        _step(model, torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))
+    assert len(runs) > len(lifs)  # the recomputation ran the block LIFs a second time
+    assert len(totals) == len(lifs)
+    counts = firing_counts(model)
+    assert [c[1].item() for c in counts.values()] == [t[1] for t in totals]  # one call's slots each

@@ -15,7 +15,8 @@ from models.firing import (
     set_firing_recording,
     synapses_per_neuron,
 )
-from models.neurons import LIF, LIFState
+from models.neuron_context import NeuronContext
+from models.neurons import LIF, LIFState, neuron_context
 
 
 class TwoLayerNet(nn.Module):
@@ -26,9 +27,9 @@ class TwoLayerNet(nn.Module):
         super().__init__()
         self.T = T
         self.conv1 = nn.Conv2d(1, 2, 3, padding=1, bias=False)
-        self.lif1 = LIF(2, neuron)
+        self.lif1 = LIF(2, neuron, spatial=True)
         self.conv2 = nn.Conv2d(2, 3, 3, padding=1, bias=False)
-        self.lif2 = LIF(3, neuron)
+        self.lif2 = LIF(3, neuron, spatial=True)
         self.fc = nn.Linear(3, 5)
 
     def forward(self, x):
@@ -46,7 +47,7 @@ class TwoLayerNet(nn.Module):
 
 def test_recording_off_never_touches_the_spikes(monkeypatch):
     model = TwoLayerNet()
-    monkeypatch.setattr(LIF, "_record_firing", lambda self, spikes: pytest.fail("recorded while off"))
+    monkeypatch.setattr(NeuronContext, "record", lambda self, layer, spikes: pytest.fail("recorded while off"))
     model(torch.randn(2, 1, 4, 4))
     counts = firing_counts(model)
     assert set(counts) == {"lif1", "lif2"}
@@ -129,6 +130,8 @@ def test_report_on_hand_checkable_net():
     ("none", 0.0),
     ("self", 10 * 1 + 4 * 1),     # one synapse per spike: the neuron's own weight
     ("lateral", 10 * 2 + 4 * 3),  # C synapses per spike: the [C, C] map (a 1x1 conv here)
+    # a 3x3 conv C -> C, padding 1, on 4x4 maps: 10 x 10 taps inside the map, C * 100 / 16 per spike
+    ("full", 10 * 2 * 100 / 16 + 4 * 3 * 100 / 16),
 ])
 def test_report_counts_the_recurrent_synapses_of_every_spike(recurrence, recurrent_sops):
     model = TwoLayerNet(neuron=dict(recurrence=recurrence))
@@ -144,12 +147,12 @@ def test_report_counts_the_recurrent_synapses_of_every_spike(recurrence, recurre
     assert report["energy_uj_per_image"] == pytest.approx((4.6 * 288 + 0.9 * (207.5 + recurrent_sops) / 2) * 1e-6)
 
 
-@pytest.mark.parametrize("recurrence", ["none", "self", "lateral"])
+@pytest.mark.parametrize("recurrence", ["none", "self", "lateral", "full"])
 @pytest.mark.parametrize("neuron_shape", [(4,), (4, 3, 5)], ids=["linear", "conv"])
 def test_recurrent_fanout_matches_brute_force_synapse_count(recurrence, neuron_shape):
     # A threshold nobody reaches: each neuron spikes alone (the carried-in spike state) and the
     # neurons its spike charges at the next step are its recurrent synapses.
-    lif = LIF(4, dict(recurrence=recurrence, v_threshold=1e9))
+    lif = LIF(4, dict(recurrence=recurrence, v_threshold=1e9), spatial=len(neuron_shape) == 3)
     if lif.recurrent_weight is not None:
         nn.init.constant_(lif.recurrent_weight, 1.0)
     n = torch.Size(neuron_shape).numel()
@@ -157,7 +160,7 @@ def test_recurrent_fanout_matches_brute_force_synapse_count(recurrence, neuron_s
     with torch.no_grad():
         _, state = lif(torch.zeros(1, n, *neuron_shape), state=LIFState(torch.zeros_like(one_hot), one_hot),
                        return_state=True)
-    assert recurrent_synapses_per_neuron(lif) == (state.v != 0).sum().item() / n
+    assert recurrent_synapses_per_neuron(lif, neuron_shape) == pytest.approx((state.v != 0).sum().item() / n)
 
 
 def test_report_from_recorded_forward_of_resnet_through_a_wrapper():
@@ -176,7 +179,7 @@ def test_report_from_recorded_forward_of_resnet_through_a_wrapper():
     assert consumers["layer1.0.lif2"] == ["layer2.0.conv1", "layer2.0.downsample.conv"]
     sops = sum(
         counts[f"module.{lif}"][0].item()
-        * synapses_per_neuron(net.get_submodule(c), net.get_submodule(lif).neuron_shape)
+        * synapses_per_neuron(net.get_submodule(c), neuron_context(net).shapes[net.get_submodule(lif)])
         for lif, cs in consumers.items()
         for c in cs
     )

@@ -37,6 +37,7 @@ import torch
 from models.neurons import (
     LIF,
     LIFSpec,
+    Leak,
     LIFState,
     NeuronConfig,
     Recurrence,
@@ -87,7 +88,7 @@ class Case:
     def id(self) -> str:
         n = self.neuron
         parts = [
-            "leak" if n.get("leak", True) else "if",
+            {True: "leak", False: "if"}.get(n.get("leak", True), f"leak_{n.get('leak')}"),
             n.get("reset", "hard") + (f"{n['v_reset']}" if n.get("v_reset") else ""),
             "rec-" + n.get("recurrence", "none"),
             n.get("surrogate", "rectangular"),
@@ -124,6 +125,8 @@ def cpu_cases() -> list[Case]:
     cases += [Case(neuron=_neuron(reset=r, surrogate=s), per_channel=False)
               for r in ("hard", "soft", "none") for s in ("rectangular", "sigmoid")]
     cases += [Case(neuron=_neuron(v_reset=-0.125, recurrence=rec, detach=d)) for rec in ("none", "self") for d in (False, True)]
+    # Complete leak (decay 0: the membrane is the current input), the paper's third level.
+    cases += [Case(neuron=_neuron(leak="complete", reset=r, recurrence=rec)) for r in ("hard", "none") for rec in ("none", "self")]
     # State in and out, with gradients through both.
     cases += [Case(neuron=_neuron(reset=r, recurrence=rec, surrogate="atan"), state=True)
               for r in ("hard", "soft", "none") for rec in ("none", "self")]
@@ -174,7 +177,7 @@ def measure(case: Case, device: str) -> dict:
     x = _layout(rand(*shape, scale=0.6, shift=0.3).to(dtype), case.layout)
     inputs = {"x": x}
     if case.per_channel and channels is not None:
-        if cfg.leak:
+        if cfg.leak is Leak.normal:
             inputs["decay"] = (torch.rand(channels, generator=gen) * 0.6 + 0.2).to(device)
         inputs["v_threshold"] = (torch.rand(channels, generator=gen) * 0.4 + 0.3).to(device)
     if cfg.recurrence is Recurrence.self:
@@ -250,6 +253,10 @@ def _interpreted_extras() -> dict:
     spec = LIFSpec.from_config(NeuronConfig())
     res["dispatch_cpu"] = neuron_impl_for(torch.rand(2, 2, 3), spec)
     res["dispatch_lateral"] = neuron_impl_for(torch.rand(2, 2, 3), LIFSpec.from_config(NeuronConfig(recurrence="lateral")))
+    full = LIFSpec.from_config(NeuronConfig(recurrence="full"))
+    res["dispatch_full"] = neuron_impl_for(torch.rand(2, 2, 3), full)
+    res["declines_full"] = kernel.declines(torch.rand(2, 2, 3), full)
+    res["declines_self"] = kernel.declines(torch.rand(2, 2, 3), LIFSpec.from_config(NeuronConfig(recurrence="self")))
     res["dispatch_fp64"] = neuron_impl_for(torch.rand(2, 2, 3, dtype=torch.float64), spec)
 
     x = torch.rand(4, 2, 3, 5)
@@ -362,6 +369,10 @@ def test_interpreted_kernel_is_dispatched_for_supported_specs_only(interpreted):
     extras = _extras(interpreted)
     assert extras["dispatch_cpu"] == "triton"  # CPU tensors only under the interpreter
     assert extras["dispatch_lateral"] == "reference"
+    assert extras["dispatch_full"] == "reference"
+    assert extras["declines_full"] == ("recurrence=full runs the PyTorch reference loop on cpu "
+                                       "(the fused Triton kernel covers recurrence none and self)")
+    assert extras["declines_self"] is None
     assert extras["dispatch_fp64"] == "reference"
     assert extras["no_state"]
 
@@ -457,8 +468,9 @@ def test_gpu_dispatch_picks_the_kernel_for_cuda_tensors():
     spec = LIFSpec.from_config(NeuronConfig(recurrence="self"))
     assert neuron_impl_for(torch.rand(2, 2, 3, device="cuda"), spec) == "triton"
     assert neuron_impl_for(torch.rand(2, 2, 3, device="cuda", dtype=torch.float64), spec) == "reference"
-    lateral = LIFSpec.from_config(NeuronConfig(recurrence="lateral"))
-    assert neuron_impl_for(torch.rand(2, 2, 3, device="cuda"), lateral) == "reference"
+    for rec in ("lateral", "full"):
+        spec = LIFSpec.from_config(NeuronConfig(recurrence=rec))
+        assert neuron_impl_for(torch.rand(2, 2, 3, device="cuda"), spec) == "reference"
 
 
 @needs_cuda

@@ -9,9 +9,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from models import neurons
+from models import dispatch
+from models.firing import firing_counts, firing_report, set_firing_recording
 from models.neurons import (
     LIF,
+    Leak,
     LIFSpec,
     LIFState,
     NeuronConfig,
@@ -83,6 +85,35 @@ def test_hard_reset_goes_to_v_reset():
     assert v.flatten().tolist() == [-0.25, 0.4375, -0.25]
 
 
+def test_complete_leak_membrane_equals_the_current_input():
+    # decay 0: h[t] = x[t]; with reset none the membrane after each step is exactly x[t], and the
+    # neuron fires where x[t] alone exceeds V_th (0.5), whatever came before.
+    x = _seq(0.25, 0.375, 0.75, 0.125, 0.5, 0.625)
+    spikes, v = _trajectory(x, NeuronConfig(leak="complete", reset="none"))
+    assert v.flatten().tolist() == x.flatten().tolist()
+    assert spikes.flatten().tolist() == [0, 0, 1, 0, 0, 1]
+    # The same on a random conv-shaped input, through the layer, with the default hard reset.
+    torch.manual_seed(0)
+    x = torch.rand(5, 2, 3, 4, 4)
+    lif = LIF(3, dict(leak="complete"))
+    assert lif.decay() == 0.0
+    assert torch.equal(lif(x), (x > 0.5).float())
+    _, state = lif(x, return_state=True)
+    assert torch.equal(state.v, x[-1] * (x[-1] <= 0.5))
+
+
+def test_leak_levels_fix_the_decay():
+    assert NeuronConfig().decay == 0.25
+    assert NeuronConfig(leak="none").decay == 1.0
+    assert NeuronConfig(leak="complete", tau_decay=0.75).decay == 0.0
+
+
+@pytest.mark.parametrize("value, level", [(True, Leak.normal), (False, Leak.none), ("true", Leak.normal),
+                                          ("False", Leak.none), ("normal", Leak.normal), ("complete", Leak.complete)])
+def test_leak_reads_the_booleans_of_older_configs(value, level):
+    assert as_neuron_config(dict(leak=value)).leak is level
+
+
 def test_self_recurrence_feeds_back_own_previous_spike():
     x = _seq(0.75, 0.25, 0.0)
     w = torch.tensor([0.375])
@@ -115,6 +146,70 @@ def test_lateral_recurrence_on_conv_maps_acts_as_1x1_conv():
         o = (v > 0.5).float()
         expected.append(o)
     torch.testing.assert_close(spikes, torch.stack(expected))
+
+
+def test_full_recurrence_on_vectors_is_the_dense_matrix_on_previous_spikes():
+    # Fixed previous spikes carried in; no input and an unreachable threshold: the membrane after
+    # one step with reset none is exactly the recurrent input V @ o[t-1].
+    torch.manual_seed(0)
+    v_mat = torch.randn(4, 4)
+    o_prev = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0]])
+    cfg = NeuronConfig(recurrence="full", reset="none", v_threshold=1e9)
+    _, state = lif_multistep(torch.zeros(1, 2, 4), cfg, recurrent_weight=v_mat,
+                             state=LIFState(torch.zeros(2, 4), o_prev), return_state=True)
+    torch.testing.assert_close(state.v, o_prev @ v_mat.T)
+    lif = LIF(4, cfg)  # a vector layer: the [C, C] matrix, the same as lateral
+    assert lif.recurrent_weight.shape == (4, 4)
+
+
+def test_full_recurrence_on_feature_maps_is_a_3x3_convolution_of_previous_spikes():
+    torch.manual_seed(0)
+    lif = LIF(3, dict(recurrence="full", reset="none", v_threshold=1e9), spatial=True)
+    assert lif.recurrent_weight.shape == (3, 3, 3, 3)
+    with torch.no_grad():
+        lif.recurrent_weight.normal_()
+    o_prev = (torch.rand(2, 3, 5, 6) > 0.5).float()
+    _, state = lif(torch.zeros(1, 2, 3, 5, 6), state=LIFState(torch.zeros(2, 3, 5, 6), o_prev), return_state=True)
+    expected = torch.nn.functional.conv2d(o_prev, lif.recurrent_weight, padding=1)
+    torch.testing.assert_close(state.v, expected)
+    # Built for maps: a vector input is refused, and so is a map input to a vector layer.
+    with pytest.raises(ValueError, match="feature maps"):
+        lif(torch.zeros(1, 2, 3))
+    with pytest.raises(ValueError, match="vectors"):
+        LIF(3, dict(recurrence="full"))(torch.zeros(1, 2, 3, 5, 6))
+
+
+class _FullRecurrentNet(torch.nn.Module):
+    """LIF (full recurrence, C = 2 on 4x4 maps) -> linear(32 -> 5): SOPs by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.lif = LIF(2, dict(recurrence="full"), spatial=True)
+        self.fc = torch.nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.fc(self.lif(x).flatten(2)).mean(0)
+
+    def spike_consumers(self):
+        return {"lif": ["fc"]}
+
+    def first_layer_macs_per_image(self):
+        return 0.0
+
+
+def test_full_recurrence_sops_count_its_convolution_synapses():
+    net = _FullRecurrentNet()
+    set_firing_recording(net, True)
+    x = torch.zeros(1, 1, 2, 4, 4)
+    x[0, 0, 0, 0, 0] = x[0, 0, 1, 1, 2] = 1.0  # two spikes, one at a corner, one inside
+    net(x)
+    counts = firing_counts(net)
+    assert counts["lif"].tolist() == [2.0, 32.0]
+    # Each spike: 5 synapses into fc, plus its recurrent fan-out into the layer: a 3x3 conv over
+    # 2 channels with padding 1 on 4x4 has, per axis, 2 + 3 + 3 + 2 = 10 taps inside the map, so
+    # a mean of 2 * 10 * 10 / 16 = 12.5 synapses per neuron (a corner neuron has 2 * 4 = 8, an
+    # inner one 2 * 9 = 18: the mean over the map is what is counted, as for a conv).
+    assert firing_report(counts, net, images=1)["sops_per_image"] == 2 * (5 + 12.5)
 
 
 def test_per_channel_threshold_and_decay():
@@ -251,8 +346,11 @@ def test_config_from_dict_with_strings_and_from_omegaconf():
         (dict(tau_decay=1.5), "neuron.tau_decay"),
         (dict(v_threshold=0.0), "neuron.v_threshold"),
         (dict(learnable_decay=True, leak=False), "neuron.learnable_decay"),
+        (dict(learnable_decay=True, leak="complete"), "neuron.learnable_decay"),
         (dict(learnable_decay=True, tau_decay=0.0), "neuron.tau_decay"),
-        (dict(leak="false"), "neuron.leak"),
+        (dict(leak="sometimes"), "neuron.leak"),
+        (dict(leak=1), "neuron.leak"),
+        (dict(recurrence="dense"), "neuron.recurrence"),
         (dict(surogate="atan"), "unknown key"),
     ],
 )
@@ -263,7 +361,7 @@ def test_invalid_config_raises_one_line_naming_the_key(bad, key):
 
 
 def test_dispatch_uses_first_accepting_registered_impl_and_reports_it(monkeypatch):
-    monkeypatch.setattr(neurons, "_NEURON_IMPLS", [])
+    monkeypatch.setattr(dispatch, "_NEURON_IMPLS", [])
     calls = []
 
     def fake(x, decay, v_threshold, recurrent_weight, state, spec, *, return_state=True):
@@ -286,6 +384,24 @@ def test_dispatch_uses_first_accepting_registered_impl_and_reports_it(monkeypatc
         lif_multistep(x32, impl="triton")
     with pytest.raises(ValueError, match="already registered"):
         register_neuron_impl("fake_fp64", lambda x, spec: True, fake)
+
+
+def test_dispatch_says_once_which_variant_a_registered_impl_leaves_to_the_reference(monkeypatch, caplog):
+    monkeypatch.setattr(dispatch, "_NEURON_IMPLS", [])
+    monkeypatch.setattr(dispatch, "_NOTED", set())
+
+    def fake(x, decay, v_threshold, recurrent_weight, state, spec, *, return_state=True):
+        raise AssertionError("the fake kernel must not run")
+
+    register_neuron_impl("fake", lambda x, spec: spec.recurrence is Recurrence.none, fake,
+                         lambda x, spec: f"recurrence={spec.recurrence.value} runs the reference loop"
+                         if spec.recurrence is not Recurrence.none else None)
+    lif = LIF(3, dict(recurrence="full"))
+    with caplog.at_level("WARNING", logger="models.dispatch"):
+        for _ in range(3):
+            lif(torch.rand(2, 1, 3))
+    assert neuron_impl_for(torch.rand(2, 1, 3), lif.spec) == "reference"
+    assert [r.getMessage() for r in caplog.records] == ["neuron dispatch: recurrence=full runs the reference loop"]
 
 
 def test_reference_under_torch_compile_matches_eager():

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from models.neurons import NeuronConfig, Recurrence, Reset, lif_multistep
+from models.neurons import Leak, NeuronConfig, Recurrence, Reset, lif_multistep
 from models.surrogates import Surrogate, spike, surrogate_grad
 
 
@@ -81,6 +81,11 @@ def _unrolled_reference(x, cfg: NeuronConfig, decay, v_threshold, w):
             rec = w.view(shape) * o
         elif cfg.recurrence is Recurrence.lateral:
             rec = torch.einsum("ij,bj...->bi...", w, o)
+        elif cfg.recurrence is Recurrence.full:  # 3x3, padding 1: a sum of shifted 1x1 maps
+            padded = torch.nn.functional.pad(o, (1, 1, 1, 1))
+            height, width_ = o.shape[-2:]
+            rec = sum(torch.einsum("ij,bjhw->bihw", w[:, :, dy, dx], padded[..., dy:dy + height, dx:dx + width_])
+                      for dy in range(3) for dx in range(3))
         h = d * v + x[t] + rec
         z = h - th
         smooth = _smooth_step(z, kind, width)
@@ -101,6 +106,7 @@ VARIANTS = [
     dict(detach_reset=True),
     dict(reset="soft", recurrence="self"),
     dict(reset="none", leak=False, recurrence="lateral"),
+    dict(leak="complete", recurrence="full"),
     dict(reset="hard", v_reset=-0.2, recurrence="lateral", detach_reset=True),
 ]
 
@@ -112,20 +118,23 @@ def test_lif_gradients_equal_autograd_of_unrolled_reference_in_float64(surrogate
     cfg = NeuronConfig(surrogate=surrogate, surrogate_width=1.5 if surrogate is Surrogate.rectangular else 2.0, **variant)
     channels = 3
     x = (torch.rand(6, 2, channels, 2, 2, dtype=torch.float64) * 1.2).requires_grad_()
-    decay = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64, requires_grad=cfg.leak)
-    if not cfg.leak:
-        decay = torch.ones(channels, dtype=torch.float64)
+    leaky = cfg.leak is Leak.normal
+    decay = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64, requires_grad=leaky)
+    if not leaky:
+        decay = torch.full((channels,), cfg.decay, dtype=torch.float64)
     v_threshold = torch.tensor([0.4, 0.5, 0.6], dtype=torch.float64, requires_grad=True)
     w = None
     if cfg.recurrence is Recurrence.self:
         w = (torch.rand(channels, dtype=torch.float64) * 0.6 - 0.3).requires_grad_()
     elif cfg.recurrence is Recurrence.lateral:
         w = (torch.rand(channels, channels, dtype=torch.float64) * 0.6 - 0.3).requires_grad_()
+    elif cfg.recurrence is Recurrence.full:  # on feature maps: a 3x3 convolution
+        w = (torch.rand(channels, channels, 3, 3, dtype=torch.float64) * 0.6 - 0.3).requires_grad_()
     inputs = [t for t in (x, decay, v_threshold, w) if t is not None and t.requires_grad]
     upstream = torch.randn(6, 2, channels, 2, 2, dtype=torch.float64)
 
     got = lif_multistep(
-        x, cfg, decay=decay if cfg.leak else None, v_threshold=v_threshold, recurrent_weight=w
+        x, cfg, decay=decay if leaky else None, v_threshold=v_threshold, recurrent_weight=w
     )
     want = _unrolled_reference(x, cfg, decay, v_threshold, w)
     assert torch.equal(got, want.detach())
