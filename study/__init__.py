@@ -1,8 +1,9 @@
-"""The functional-roles study (Yin et al. 2024) as a job: `python -m study report` reads the LIF
-variants of a sweep from MLflow and reports them beside the paper's findings.
+"""The functional-roles study (Yin et al. 2024) as a job: `python -m study run` trains every
+variant x seed of a config's grid (study/grid.py), `python -m study report` reads them from MLflow
+and decides the paper's findings by paired comparisons over seeds (study/findings.py, stats.py).
 
-study/ sits above train/ (it may import train, never the reverse) and stays light: MLflow,
-matplotlib and the standard library, no torch or models.
+study/ sits above train/ (it may import train, never the reverse) and, but for `run`, stays light:
+MLflow, matplotlib, numpy/scipy and the standard library, no torch or models.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`python -m study COMMAND ...`: the functional-roles study as jobs of the project.
 
-    python -m study report --experiment ablation     table, plots, findings, parent MLflow run
+    python -m study report --sweep-id study-digits   tables, verdicts, plots, parent MLflow run
     python -m study run ...                          (study/run.py)
 
 Each command is its own module with a `main(argv) -> exit code`, imported only when chosen, so
@@ -13,9 +13,9 @@ import importlib
 import sys
 
 COMMANDS = {
-    "report": ("study.report", "read a sweep's variants from MLflow: results.csv, report.md with "
+    "report": ("study.report", "read a study's runs from MLflow: results.csv, summary.csv, report.md with "
                                "the paper's findings, plots, and a parent run nesting the variants"),
-    "run": ("study.run", "train and evaluate the variants of the study"),
+    "run": ("study.run", "train and evaluate every variant x seed of the study, then report"),
 }
 
 

@@ -1,143 +1,153 @@
-"""The figures of a study report, drawn from the results rows (see study.findings) as PNGs.
+"""The figures of a study report, drawn from the rows (see study.findings) as PNGs.
 
-Figures are built with `matplotlib.figure.Figure` and saved through the Agg canvas directly, so
-no pyplot state or global backend is touched. Every file is written atomically.
+- `curves.png`: small multiples, one row of panels per factor and one column per swept measure
+  (noise sigma, FGSM/PGD/transfer/worst-case eps, flipped spikes k, frame duration): per level of
+  the factor, the mean top-1 over its ok runs (every seed and every level of the other factors)
+  with a 95 % t-interval band;
+- `heatmap_<metric>.png`: the mean over seeds of each variant, the last factor across, the others
+  down; failed or missing cells blank and named;
+- `forest.png`: every claim's effect with its 95 % CI, coloured by verdict.
+
+Figures are built with `matplotlib.figure.Figure` and saved through the Agg canvas directly, so no
+pyplot state or global backend is touched. Every file is written atomically.
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from study import atomic_path
-from study.findings import (GRID, LEAKS, RECURRENCES, RESETS, Row, metric_value, swept_columns,
-                            swept_value, variant_name)
+from study.findings import DERIVED, SWEPT_AXIS, Claim, swept_columns, swept_value
+from study.stats import DOES_NOT_HOLD, HOLDS
 
-HEATMAP_METRICS = {"top1": "validation top-1", "robust_top1": "robust top-1 (mean over nonzero "
-                   "sigma and eps)", "stream_top1": "stream top-1", "generalization_gap":
-                   "generalisation gap (train - val top-1)", "firing_rate": "mean firing rate",
-                   "sops": "SOPs per image", "energy": "energy per image (uJ)"}
-_KIND_AXIS = {"noise": "Gaussian noise sigma", "fgsm": "FGSM eps", "pgd": "PGD eps"}
-_RESET_MARKER = {"hard": "o", "soft": "s", "none": "^"}
+HEATMAP_METRICS = {"top1": "validation top-1", "robust_top1": DERIVED["robust_top1"],
+                   "shift_top1": DERIVED["shift_top1"], "stream_top1": "stream top-1 (ours)",
+                   "firing_rate": "mean firing rate", "sharpness": "sharpness", "sops": "SOPs per sample"}
+_VERDICT_COLOUR = {HOLDS: "tab:green", DOES_NOT_HOLD: "tab:red"}
 
 
 def _save(fig: Figure, path: Path) -> Path:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     return path
 
 
-def _name(row: Row) -> str:
-    return variant_name(row["leak"], row["reset"], row["recurrence"])
+def _band(values: list[float]) -> tuple[float, float, float]:
+    from study.report import mean_ci
+    mean, _, lo, hi = mean_ci(values)
+    return mean, (mean if lo is None else lo), (mean if hi is None else hi)
 
 
-def _style(row: Row) -> dict:
-    """One colour per variant (grid position), dashed lines for IF (no leak)."""
-    index = GRID.index((row["leak"], row["reset"], row["recurrence"]))
-    return {"color": colormaps["tab20"](index % 20), "linestyle": "-" if row["leak"] else "--",
-            "marker": _RESET_MARKER.get(row["reset"], "o")}
-
-
-def plot_accuracy_curves(rows: Sequence[Row], kinds: Sequence[str], path: Path, title: str) -> Path | None:
-    """Top-1 against sigma or eps, one panel per kind ("noise" | "fgsm" | "pgd"), one line per ok
-    variant. Returns the PNG path, or None when no variant has any of these columns."""
-    columns = swept_columns(c for row in rows for c in row)
-    kinds = [k for k in kinds if any(swept_value(c)[0] == k for c in columns)]
-    if not kinds:
+def plot_curves(rows: Sequence[Mapping], factors: Mapping[str, Sequence[str]], path: Path) -> Path | None:
+    """Per factor (panel rows) and swept kind (panel columns): mean top-1 per level with its 95 %
+    CI band against the swept value. None when no ok run has a swept column."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    columns = swept_columns(c for r in ok for c, v in r.items() if v is not None)
+    kinds = list(dict.fromkeys(swept_value(c)[0] for c in columns))
+    varied = [f for f, levels in factors.items() if len(levels) > 1]
+    if not kinds or not varied:
         return None
-    fig = Figure(figsize=(5.5 * len(kinds) + 2.5, 4.2))
-    axes = fig.subplots(1, len(kinds), squeeze=False)[0]
-    for ax, kind in zip(axes, kinds):
-        kind_columns = [c for c in columns if swept_value(c)[0] == kind]
-        for row in rows:
-            points = [(swept_value(c)[1], row[c]) for c in kind_columns
-                      if row["status"] == "ok" and row.get(c) is not None]
-            if points:
-                x, y = zip(*points)
-                ax.plot(x, y, label=_name(row), linewidth=1.3, markersize=4, **_style(row))
-        ax.set_xlabel(_KIND_AXIS[kind])
-        ax.set_ylabel("top-1")
-        ax.set_title(f"{title}: {kind.upper() if kind != 'noise' else 'noise'}")
-        ax.grid(alpha=0.3)
-    legend = {}  # label -> handle, over every panel: a variant may lack one kind
-    for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    fig.legend(legend.values(), legend.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
-               title="variant (dashed: no leak)", title_fontsize=7)
+    fig = Figure(figsize=(3.6 * len(kinds), 2.9 * len(varied)))
+    axes = fig.subplots(len(varied), len(kinds), squeeze=False)
+    colours = colormaps["tab10"]
+    for i, f in enumerate(varied):
+        for j, kind in enumerate(kinds):
+            ax = axes[i][j]
+            kind_columns = [c for c in columns if swept_value(c)[0] == kind]
+            for k, level in enumerate(factors[f]):
+                xs, mean, lo, hi = [], [], [], []
+                for c in kind_columns:
+                    values = [float(r[c]) for r in ok if str(r.get(f)) == level and r.get(c) is not None]
+                    if values:
+                        m, a, b = _band(values)
+                        xs.append(swept_value(c)[1]), mean.append(m), lo.append(a), hi.append(b)
+                if xs:
+                    ax.plot(xs, mean, marker="o", markersize=3, color=colours(k), label=f"{f}={level}")
+                    # a t-interval over few runs may pass the ends of [0, 1]; top-1 cannot
+                    ax.fill_between(xs, np.clip(lo, 0, 1), np.clip(hi, 0, 1), color=colours(k), alpha=0.2, linewidth=0)
+            ax.set_xlabel(SWEPT_AXIS[kind], fontsize=8)
+            ax.set_ylabel("top-1", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            if j == 0:
+                ax.legend(fontsize=7, title=f, title_fontsize=7)
+    fig.suptitle("Mean top-1 per level, 95 % CI band (over seeds and the other factors)", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
 
-def plot_heatmap(rows: Sequence[Row], metric: str, path: Path) -> Path | None:
-    """`metric` over the grid: rows leak x reset, columns recurrence; failed and missing variants
-    are blank cells named by their status. None when no ok variant has the metric."""
-    by_variant = {(r["leak"], r["reset"], r["recurrence"]): r for r in rows}
-    ylabels = [f"{'lif' if leak else 'if'} reset={reset}" for leak in LEAKS for reset in RESETS]
-    data = np.full((len(ylabels), len(RECURRENCES)), np.nan)
-    notes: dict[tuple[int, int], str] = {}
-    for i, (leak, reset) in enumerate((l, r) for l in LEAKS for r in RESETS):
-        for j, rec in enumerate(RECURRENCES):
-            row = by_variant.get((leak, reset, rec))
-            status = row["status"] if row else "missing"
-            value = metric_value(row, metric) if status == "ok" else None
+def plot_heatmap(summary: Sequence[Mapping], factors: Mapping[str, Sequence[str]], metric: str,
+                 path: Path) -> Path | None:
+    """The variants' mean `metric`: the last factor across, the product of the others down."""
+    keys = list(factors)
+    across, down = keys[-1], keys[:-1]
+    ylabels = list(itertools.product(*(factors[k] for k in down))) or [()]
+    by = {tuple(str(s[k]) for k in keys): s for s in summary}
+    data = np.full((len(ylabels), len(factors[across])), np.nan)
+    notes = {}
+    for i, y in enumerate(ylabels):
+        for j, x in enumerate(factors[across]):
+            s = by.get((*y, x))
+            value = s.get(f"{metric}_mean") if s else None
             if value is None:
-                notes[i, j] = status if status != "ok" else "n/a"
+                notes[i, j] = "n/a" if s and s["n_ok"] else "no ok run"
             else:
                 data[i, j] = value
     if np.isnan(data).all():
         return None
-    cmap = colormaps["viridis"].with_extremes(bad="white")
-    fig = Figure(figsize=(6.2, 5.4))
+    fig = Figure(figsize=(1.4 * len(factors[across]) + 3.2, 0.45 * len(ylabels) + 1.8))
     ax = fig.subplots()
-    image = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, aspect="auto")
+    image = ax.imshow(np.ma.masked_invalid(data), cmap=colormaps["viridis"].with_extremes(bad="white"), aspect="auto")
     fig.colorbar(image, ax=ax, shrink=0.85)
     lo, hi = np.nanmin(data), np.nanmax(data)
     for (i, j), value in np.ndenumerate(data):
         if np.isnan(value):
-            ax.text(j, i, notes[i, j], ha="center", va="center", fontsize=8, color="0.45")
+            ax.text(j, i, notes[i, j], ha="center", va="center", fontsize=7, color="0.45")
         else:
             dark = hi > lo and (value - lo) / (hi - lo) < 0.5  # viridis is dark at its low end
-            ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=8,
-                    color="white" if dark else "black")
-    ax.set_xticks(range(len(RECURRENCES)), [f"rec={r}" for r in RECURRENCES])
-    ax.set_yticks(range(len(ylabels)), ylabels)
-    ax.set_title(HEATMAP_METRICS.get(metric, metric))
+            ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    ax.set_xticks(range(len(factors[across])), [f"{across}={v}" for v in factors[across]], fontsize=7)
+    ax.set_yticks(range(len(ylabels)), [" ".join(f"{k}={v}" for k, v in zip(down, y)) for y in ylabels], fontsize=7)
+    ax.set_title(f"{HEATMAP_METRICS.get(metric, metric)}: mean over seeds", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
 
-def plot_firing_vs_accuracy(rows: Sequence[Row], path: Path) -> Path | None:
-    """Scatter of mean firing rate against top-1, each ok variant labelled; None without data."""
-    points = [(r["firing_rate"], r["top1"], r) for r in rows
-              if r["status"] == "ok" and r.get("firing_rate") is not None and r.get("top1") is not None]
-    if not points:
+def plot_forest(claims: Sequence[Claim], path: Path, adjusted: Mapping[int, float | None]) -> Path | None:
+    """Every claim with an effect: the effect and its 95 % CI, one line each, coloured by verdict."""
+    shown = [c for c in claims if c.comparison.effect is not None]
+    if not shown:
         return None
-    fig = Figure(figsize=(7.5, 5.5))
+    fig = Figure(figsize=(8.5, 0.32 * len(shown) + 1.4))
     ax = fig.subplots()
-    for x, y, row in points:
-        style = _style(row)
-        ax.scatter([x], [y], marker=style["marker"], s=40, edgecolors=[style["color"]],
-                   facecolors=[style["color"]] if row["leak"] else "none")
-        ax.annotate(_name(row), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    ax.set_xlabel("mean firing rate (spikes per neuron per step)")
-    ax.set_ylabel("validation top-1")
-    ax.set_title("Firing rate against accuracy (hollow: no leak; marker: reset)")
-    ax.grid(alpha=0.3)
+    for i, c in enumerate(reversed(shown)):
+        comp = c.comparison
+        colour = _VERDICT_COLOUR.get(c.verdict, "0.4")
+        if comp.ci:
+            ax.plot(comp.ci, [i, i], color=colour, linewidth=2)
+        ax.plot([comp.effect], [i], "o", color=colour, markersize=4)
+    ax.axvline(0, color="black", linewidth=0.8)
+    labels = [f"{c.task}: {c.spec.key} ({c.protocol}, n={c.comparison.n}"
+              + (f", Holm p={adjusted[id(c)]:.2g}" if adjusted.get(id(c)) is not None else "") + ")"
+              for c in reversed(shown)]
+    ax.set_yticks(range(len(shown)), labels, fontsize=7)
+    ax.set_xlabel("effect: mean paired difference (expected higher - expected lower), 95 % CI", fontsize=8)
+    ax.set_title("Claims: green holds, red does not hold, grey inconclusive", fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return _save(fig, path)
 
 
-def write_plots(rows: Sequence[Row], out: Path) -> list[Path]:
+def write_plots(rows: Sequence[Mapping], factors: Mapping[str, Sequence[str]], summary: Sequence[Mapping],
+                claims: Sequence[Claim], out: Path, adjusted: Mapping[int, float | None]) -> list[Path]:
     """Every figure the rows have data for, as PNGs in `out`; returns the files written."""
     out = Path(out)
-    written = [
-        plot_accuracy_curves(rows, ["fgsm", "pgd"], out / "attacks.png", "Accuracy under attack"),
-        plot_accuracy_curves(rows, ["noise"], out / "noise.png", "Accuracy under noise"),
-        plot_firing_vs_accuracy(rows, out / "firing_rate_vs_top1.png"),
-        *(plot_heatmap(rows, m, out / f"heatmap_{m}.png") for m in HEATMAP_METRICS),
-    ]
+    written = [plot_curves(rows, factors, out / "curves.png"),
+               plot_forest(claims, out / "forest.png", adjusted),
+               *(plot_heatmap(summary, factors, m, out / f"heatmap_{m}.png") for m in HEATMAP_METRICS)]
     return [p for p in written if p is not None]

@@ -1,57 +1,63 @@
-"""`python -m study report`: the functional-roles sweep as a table, plots and the paper's findings.
+"""`python -m study report`: a study's runs as tables, verdicts with effects and intervals, plots.
 
-    python -m study report --experiment ablation
-    python -m study report --sweep-id 20250101-120000-ab12 --runs-root runs
-    python -m study report --experiment ablation --tracking-uri http://127.0.0.1:5000 --out reports/ablation
+    python -m study report --sweep-id study-digits --runs-root runs
+    python -m study report --sweep-id study-digits --sweep-id study-xor --sweep-id study-mnist1d
+    python -m study report --experiment ablation --tracking-uri http://127.0.0.1:5000
 
-Reads the LIF variants (leak x reset x recurrence) from MLflow: the latest run of each variant in
-the experiment, or among the runs tagged `sweep_id` (both options together: that sweep within that
-experiment). A variant is identified by its `model.neuron.*` params (else its `neuron` tag); runs
-tagged `study.role=report` (reports themselves) are skipped. Writes into `--out` (default
-`<runs root>/study/<experiment or sweep id>/`), each file atomically:
+A sweep is one task: the runs tagged `sweep_id` (or every run of `--experiment`), each one variant
+x seed, identified by its tags `variant` (study/grid.py names it) and `seed`; reports themselves
+(tag `study.role=report`) and runs without those tags are left out. The grid is the one
+`python -m study run` gives; read alone, it is the factors and levels and seeds the runs have,
+so a variant with no run at any seed cannot be named here. For each sweep, into
+`<out>/<sweep>/` (default out: `<runs root>/study/`), each file atomically:
 
-    results.csv   one row per variant of the 18-variant grid, status ok | failed | missing
-    report.md     the table, the failed or missing variants by name, the findings' verdicts
-    plots/*.png   accuracy against eps and sigma, heat maps over the grid, firing rate vs top-1
+    results.csv   one row per variant x seed: factors, seed, status ok | failed | missing, metrics
+    summary.csv   one row per variant: n ok, and mean, std, 95 % CI (t over seeds) of every metric
+    report.md     the paper's sentence beside each claim's verdict, effect, CI, p, Holm p and n pairs,
+                  per-variant mean ± std, the failed or missing runs named, the plots
+    plots/*.png   per-factor means with 95 % CI bands against sigma, eps, k, frame duration;
+                  heat maps of the means; a forest plot of the claims' effects
 
-and logs them as the artifacts of one parent MLflow run in the experiment (tag
-`study.role=report`, reused by later reports of the same experiment or sweep), with the verdicts
-as tags and every variant run nested under it (tag `mlflow.parentRunId`). The verdict rules are
-in study/findings.py. A variant is failed when its run ended FAILED or KILLED or has no
-`eval/val_top1` (`python -m train.evaluate` not run on it yet).
+With several sweeps, also `<out>/findings.md` and `findings.csv`: every claim x task, with the
+p-values Holm-adjusted over all of them, and a forest plot. Each sweep's parent MLflow run (tag
+`study.role=report`, reused by later reports) holds its files (and the cross-task ones) and nests
+its variant x seed runs. A run is failed when it ended FAILED or KILLED or has no `eval/val_top1`.
 
-Bad input (unknown experiment, a sweep id without runs, a store that does not exist or does not
-answer) is one line on stderr and exit code 2.
+Bad input (unknown experiment, a sweep id without runs, a store that does not exist or answer)
+is one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import io
+import math
 import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
+
+import numpy as np
 
 from study import atomic_path
-from study.findings import GRID, HOLDS, MARGIN, Finding, findings, swept_columns, variant_name
+from study.findings import DERIVED, FINDINGS, OURS, PAPER, Claim, decide, metric_value, swept_columns
+from study.grid import parse_variant, variant_name
+from study.stats import CONFIDENCE, holm
+from train.config import STUDY_PRESETS
 
 EXIT_USER_ERROR = 2
 ROLE_TAG, ROLE = "study.role", "report"
 PARENT_TAG = "mlflow.parentRunId"  # the tag the MLflow UI nests runs by
-BASE_COLUMNS = ("leak", "reset", "recurrence", "status", "top1", "train_top1",
-                "generalization_gap", "firing_rate", "sops", "energy")
-# results.csv column -> the metric `python -m train.evaluate` logs
-EVAL_METRICS = {"top1": "eval/val_top1", "train_top1": "eval/train_top1",
-                "generalization_gap": "eval/generalization_gap",
-                "firing_rate": "eval/firing_rate_mean", "sops": "eval/sops_per_image",
-                "energy": "eval/energy_uj_per_image", "stream_top1": "eval/stream_top1"}
-_SWEPT_METRIC = re.compile(r"^eval/((?:noise|fgsm|pgd)_top1_.+)$")
-_NEURON_TAG = re.compile(r"^(lif|if)-reset_(\w+)-rec_(\w+)$")
 _FAILED_STATUSES = ("FAILED", "KILLED")
+# eval.json names of the trainer -> the study's column names (the rest: `eval/` dropped)
+RENAMED = {"eval/val_top1": "top1", "eval/firing_rate_mean": "firing_rate", "eval/sops_per_image": "sops",
+           "eval/energy_uj_per_image": "energy"}
+SUMMARY_METRICS = ("top1", "firing_rate", "robust_top1", "shift_top1", "stream_top1", "sharpness", "sops")
+# The paper's levels of each factor (PAPER2.md); a variant with another level is ours.
+PAPER_LEVELS = {"leak": {"normal", "none", "complete"}, "reset": {"hard", "none"}, "recurrence": {"none", "full"}}
 
 
 class StudyError(Exception):
@@ -59,32 +65,35 @@ class StudyError(Exception):
 
 
 @dataclass
-class Variant:
-    """One cell of the grid: its latest run (None: missing) and its results.csv row."""
-    leak: bool
-    reset: str
-    recurrence: str
-    run: object | None  # mlflow.entities.Run
-    row: dict
+class Grid:
+    """factor -> levels in order, and the seeds; what the rows of a sweep are laid out by."""
+    factors: dict[str, list[str]]
+    seeds: list[int]
 
-    @property
-    def name(self) -> str:
-        return variant_name(self.leak, self.reset, self.recurrence)
+    def cells(self) -> list[tuple[str, dict[str, str]]]:
+        """(variant name, {factor: level}) of every variant, the first factor varying slowest."""
+        from itertools import product
+        keys = list(self.factors)
+        return [(variant_name(dict(zip(keys, p))), dict(zip(keys, p))) for p in product(*self.factors.values())]
 
-    def why_not_ok(self) -> str:
-        """Why a failed or missing variant is not in the comparisons, in one sentence."""
-        if self.run is None:
-            return "missing: no run of this variant"
-        info = self.run.info
-        which = f"run {info.run_id} ({info.run_name})"
-        if info.status in _FAILED_STATUSES:
-            return f"failed: {which} ended {info.status}"
-        return (f"failed: {which} ({info.status}) has no {EVAL_METRICS['top1']}; "
-                f"evaluate it with `python -m train.evaluate`")
+
+@dataclass
+class Task:
+    """One sweep's rows and where they came from."""
+    name: str                      # the sweep id or experiment name
+    experiment: object             # mlflow.entities.Experiment
+    sweep_id: str | None
+    grid: Grid
+    rows: list[dict]               # one per variant x seed, grid order, seed within variant
+    runs: dict[tuple[str, int], object]   # (variant, seed) -> its latest run
+    strays: int
+    dataset: str = "unknown"
+    claims: list[Claim] = field(default_factory=list)
+    out: Path | None = None
 
 
 # --------------------------------------------------------------------------------------------
-# Reading the variants from MLflow
+# Reading the runs from MLflow
 
 
 def open_store(uri: str):
@@ -164,58 +173,84 @@ def find_runs(client, experiment: str | None, sweep_id: str | None) -> tuple[obj
     return exp, runs
 
 
-def variant_of(run) -> tuple[bool, str, str] | None:
-    """(leak, reset, recurrence) of a training run, from its params (else its `neuron` tag);
-    None when the run is not a variant of the grid."""
-    params, tags = run.data.params, run.data.tags
-    leak = params.get("model.neuron.leak", "").lower()
-    reset, rec = params.get("model.neuron.reset"), params.get("model.neuron.recurrence")
-    if leak in ("true", "false") and reset and rec:
-        key = (leak == "true", reset, rec)
-    elif match := _NEURON_TAG.match(tags.get("neuron", "")):
-        key = (match.group(1) == "lif", match.group(2), match.group(3))
-    else:
+def cell_of(run) -> tuple[str, int, dict[str, str]] | None:
+    """(variant, seed, {factor: level}) of a study run from its tags; None for any other run."""
+    tags = run.data.tags
+    try:
+        return tags["variant"], int(tags["seed"]), parse_variant(tags["variant"])
+    except (KeyError, ValueError):
         return None
-    return key if key in GRID else None
 
 
-def build_variants(runs: list) -> tuple[list[Variant], list]:
-    """The 18 variants in grid order, each with its latest run, and the runs that are no variant."""
-    latest, strays = {}, []
-    for run in runs:  # newest first
-        key = variant_of(run)
-        if key is None:
-            strays.append(run)
-        else:
-            latest.setdefault(key, run)
-    return [Variant(*key, run=latest.get(key), row=_row(key, latest.get(key))) for key in GRID], strays
+def _ordered(factor: str, levels: set[str]) -> list[str]:
+    """Levels in the extended preset's order (the paper's baseline first), others after, sorted."""
+    order = next((v for k, v in STUDY_PRESETS["extended"].items() if k.rpartition(".")[2] == factor), [])
+    return sorted(levels, key=lambda v: (order.index(v) if v in order else len(order), v))
 
 
-def _row(key: tuple[bool, str, str], run) -> dict:
-    row = dict(zip(("leak", "reset", "recurrence"), key))
+def grid_of(cells: Sequence[dict[str, str]], seeds: set[int]) -> Grid:
+    """The grid the runs span: each factor's levels seen (the paper's order first), the seeds seen."""
+    factors: dict[str, set[str]] = {}
+    for levels in cells:
+        for k, v in levels.items():
+            factors.setdefault(k, set()).add(v)
+    return Grid({k: _ordered(k, v) for k, v in factors.items()}, sorted(seeds))
+
+
+def metrics_row(run) -> dict[str, float]:
+    """A run's `eval/...` metrics under the study's column names."""
+    return {RENAMED.get(k, k[len("eval/"):]): v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+
+
+def why_not_ok(run) -> str:
+    """Why a failed or missing run is not in the comparisons, in one sentence."""
     if run is None:
-        row["status"] = "missing"
-        return row
-    metrics = run.data.metrics
-    ok = run.info.status not in _FAILED_STATUSES and EVAL_METRICS["top1"] in metrics
-    row["status"] = "ok" if ok else "failed"
-    if ok:
-        row.update({column: metrics.get(key) for column, key in EVAL_METRICS.items()})
-        row.update({m.group(1): value for key, value in metrics.items()
-                    if (m := _SWEPT_METRIC.match(key))})
-    return row
+        return "missing: no run of this variant and seed"
+    info = run.info
+    which = f"run {info.run_id} ({info.run_name})"
+    if info.status in _FAILED_STATUSES:
+        return f"failed: {which} ended {info.status}"
+    return f"failed: {which} ({info.status}) has no eval/val_top1; evaluate it with `python -m train.evaluate`"
 
 
-def columns(rows: Sequence[dict]) -> list[str]:
-    """results.csv columns: the base ones, a noise/FGSM/PGD column per grid value found, and
-    stream_top1 when any variant has it."""
-    found = {c for row in rows for c, v in row.items() if v is not None}
-    extra = swept_columns(found) + (["stream_top1"] if "stream_top1" in found else [])
-    return [*BASE_COLUMNS, *extra]
+def build_rows(runs: list, grid: Grid | None, exits: Mapping[tuple[str, int], int] | None = None
+               ) -> tuple[Grid, list[dict], dict, int]:
+    """(grid, rows in grid order, (variant, seed) -> latest run, number of runs that are no cell).
+    `exits`: (variant, seed) -> the nonzero exit code `python -m study run` saw, for runs that may
+    have failed before logging anything."""
+    latest, strays, cells, seeds = {}, 0, [], set()
+    for run in runs:  # newest first
+        found = cell_of(run)
+        if found is None:
+            strays += 1
+            continue
+        variant, seed, levels = found
+        latest.setdefault((variant, seed), run)
+        cells.append(levels)
+        seeds.add(seed)
+    grid = grid or grid_of(cells, seeds)
+    rows = []
+    for variant, levels in grid.cells():
+        for seed in grid.seeds:
+            run = latest.get((variant, seed))
+            row = {**levels, "variant": variant, "seed": seed}
+            ok = run is not None and run.info.status not in _FAILED_STATUSES and "eval/val_top1" in run.data.metrics
+            exit_code = (exits or {}).get((variant, seed))
+            row["status"] = "ok" if ok else "missing" if run is None and exit_code is None else "failed"
+            row["run_id"] = run.info.run_id if run is not None else ""
+            if ok:
+                row.update(metrics_row(run))
+            elif run is None and exit_code is not None:
+                row["reason"] = (f"failed: exited with code {exit_code} in `python -m study run` before it "
+                                 "logged an MLflow run (its output says why)")
+            else:
+                row["reason"] = why_not_ok(run)
+            rows.append(row)
+    return grid, rows, latest, strays
 
 
 # --------------------------------------------------------------------------------------------
-# Writing the table and the report
+# Tables
 
 
 def _csv_cell(value) -> str:
@@ -223,17 +258,9 @@ def _csv_cell(value) -> str:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
-    return repr(float(value)) if isinstance(value, (int, float)) else str(value)
-
-
-def write_csv(rows: Sequence[dict], cols: list[str], path: Path) -> Path:
-    """results.csv: one line per row, empty cells where a value is missing."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(cols)
-    for row in rows:
-        writer.writerow([_csv_cell(row.get(c)) for c in cols])
-    return write_text(path, buffer.getvalue())
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -243,140 +270,267 @@ def write_text(path: Path, text: str) -> Path:
     return path
 
 
-def _num(value) -> str:
-    return "" if value is None else f"{value:.4g}"
+def write_csv(rows: Sequence[Mapping], cols: Sequence[str], path: Path) -> Path:
+    """A CSV with `cols`, empty cells where a value is missing."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(cols)
+    for row in rows:
+        writer.writerow([_csv_cell(row.get(c)) for c in cols])
+    return write_text(path, buffer.getvalue())
 
 
-def _values(variants: list[Variant], tag: str) -> str:
-    found = sorted({v.run.data.tags[tag] for v in variants if v.run and tag in v.run.data.tags})
-    if not found:
-        return "unknown"
-    return found[0] if len(found) == 1 else f"mixed: {', '.join(found)} (latest run per variant)"
+def metric_columns(rows: Sequence[Mapping], grid: Grid) -> list[str]:
+    """The metric columns of results.csv: top1 and friends first, then the swept ones, then the rest."""
+    fixed = {*grid.factors, "variant", "seed", "status", "run_id", "reason"}
+    found = {c for r in rows for c, v in r.items() if c not in fixed and v is not None}
+    swept = swept_columns(found)
+    first = [c for c in SUMMARY_METRICS if c in found]
+    return first + swept + sorted(found - set(first) - set(swept))
 
 
-@dataclass
-class Scope:
-    """What a report is about and where it lives in MLflow."""
-    name: str                   # the experiment name, or the sweep id
-    experiment: object          # mlflow.entities.Experiment
-    sweep_id: str | None
-    uri: str
+def mean_ci(values: Sequence[float]) -> tuple[float, float, float | None, float | None]:
+    """(mean, std (n-1), CI low, CI high): the 95 % t-interval of the mean; None below 2 values."""
+    x = np.asarray(values, dtype=float)
+    if len(x) == 1:
+        return float(x[0]), 0.0, None, None
+    from scipy import stats
+    std = float(x.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(x) - 1)) * std / math.sqrt(len(x))
+    return float(x.mean()), std, float(x.mean()) - half, float(x.mean()) + half
 
 
-def render_markdown(scope: Scope, variants: list[Variant], cols: list[str], found: list[Finding],
-                    plots: list[Path], parent_run_id: str, strays: int) -> str:
-    """report.md: summary, table, failed or missing variants, findings, plots."""
-    count = {s: sum(v.row["status"] == s for v in variants) for s in ("ok", "failed", "missing")}
-    lines = [f"# Functional roles of LIF components: {scope.name}", "",
-             "Yin et al. 2024, \"Understanding the Functional Roles of Modelling Components in "
-             "Spiking Neural Networks\": leak x reset x recurrence, each variant trained and "
-             "evaluated as its own MLflow run.", "",
+def summarise(rows: Sequence[Mapping], grid: Grid, metrics: Sequence[str]) -> tuple[list[dict], list[str]]:
+    """summary.csv: one row per variant with n_ok / n_failed / n_missing and, per metric,
+    `<m>_mean`, `<m>_std`, `<m>_ci_low`, `<m>_ci_high`, `<m>_n` over its ok seeds."""
+    metrics = [m for m in (*[d for d in DERIVED if d not in metrics], *metrics)]
+    out = []
+    for variant, levels in grid.cells():
+        mine = [r for r in rows if r["variant"] == variant]
+        row = {**levels, "variant": variant, "protocol": variant_protocol(levels)}
+        for s in ("ok", "failed", "missing"):
+            row[f"n_{s}"] = sum(r["status"] == s for r in mine)
+        for m in metrics:
+            values = [v for r in mine if r["status"] == "ok" and (v := metric_value(r, m)) is not None]
+            if values:
+                row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_ci_low"], row[f"{m}_ci_high"] = mean_ci(values)
+            row[f"{m}_n"] = len(values)
+        out.append(row)
+    present = [m for m in metrics if any(r[f"{m}_n"] for r in out)]
+    cols = [*grid.factors, "variant", "protocol", "n_ok", "n_failed", "n_missing"]
+    cols += [f"{m}_{s}" for m in present for s in ("mean", "std", "ci_low", "ci_high", "n")]
+    return out, cols
+
+
+def variant_protocol(levels: Mapping[str, str]) -> str:
+    """PAPER when every level is one the paper varies (PAPER2.md), else OURS."""
+    return PAPER if all(v in PAPER_LEVELS.get(k, ()) for k, v in levels.items()) else OURS
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _num(value, digits: int = 4) -> str:
+    return "" if value is None else f"{value:.{digits}g}"
+
+
+def _effect(claim: Claim) -> tuple[str, str, str, str]:
+    c = claim.comparison
+    ci = "" if c.ci is None else f"[{c.ci[0]:+.4f}, {c.ci[1]:+.4f}]"
+    return ("" if c.effect is None else f"{c.effect:+.4f}", ci, _num(c.p, 3), str(c.n))
+
+
+def claims_table(claims: Sequence[Claim], adjusted: Mapping[int, float | None], *, task_column: bool = False) -> list[str]:
+    """Markdown rows: one per claim with its verdict, effect, CI, p, Holm p and n pairs."""
+    head = ("| task " if task_column else "") + "| finding | claim | protocol | verdict | effect | 95 % CI | p | Holm p | n pairs |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for claim in claims:
+        effect, ci, p, n = _effect(claim)
+        verdict = claim.verdict + (f" ({claim.comparison.reason})" if claim.comparison.reason else "")
+        lines.append(("| " + claim.task + " " if task_column else "")
+                     + f"| {claim.spec.finding} | {claim.spec.statement} ({claim.label}) | {claim.protocol} | "
+                       f"**{verdict}** | {effect} | {ci} | {p} | {_num(adjusted.get(id(claim)), 3)} | {n} |")
+    return lines
+
+
+def _tags(task: Task, tag: str) -> str:
+    found = sorted({r.data.tags[tag] for r in task.runs.values() if tag in r.data.tags})
+    return found[0] if len(found) == 1 else ("unknown" if not found else f"mixed: {', '.join(found)}")
+
+
+STATISTICS = ("A claim compares runs matched on every other factor of the grid and on the seed (pairs); "
+              "the effect is the mean paired difference (expected-higher minus expected-lower, metric "
+              "units), its 95 % CI a seeded percentile bootstrap (9999 resamples), p a two-sided sign-flip "
+              "permutation test (exact up to 13 pairs). Holds: CI above 0; does not hold: CI below 0; "
+              "inconclusive: the CI contains 0, or fewer than 3 pairs. Holm p: Holm-Bonferroni over every claim "
+              "of this report (every task of a cross-task report); a claim holds for the family only "
+              "when its Holm p is below 0.05 too. Protocol `paper`: the paper's claim on a task it "
+              "decides it on (../shared/PAPER2.md); `ours`: our extension or another task.")
+
+
+def render_task(task: Task, metrics: Sequence[str], summary: Sequence[Mapping], plots: list[Path],
+                parent_run_id: str, uri: str, adjusted: Mapping[int, float | None]) -> str:
+    """report.md of one task."""
+    rows = task.rows
+    count = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "missing")}
+    grid = task.grid
+    lines = [f"# Functional roles of LIF components: {task.name}", "",
+             "Yin et al. 2024, \"Understanding the Functional Roles of Modelling Components in Spiking "
+             "Neural Networks\" (arXiv 2403.16674): each variant x seed trained and evaluated as its own "
+             "MLflow run; verdicts from paired comparisons over seeds.", "",
              "| | |", "|---|---|",
-             f"| experiment | `{scope.experiment.name}` (id {scope.experiment.experiment_id}) |"]
-    if scope.sweep_id:
-        lines.append(f"| sweep | `{scope.sweep_id}` |")
-    lines += [f"| data set | {_values(variants, 'dataset')} |",
-              f"| model | {_values(variants, 'model')}, T={_values(variants, 'T')} |",
-              f"| variants | {count['ok']} ok, {count['failed']} failed, {count['missing']} "
-              f"missing, of {len(GRID)} |",
-              f"| tracking URI | `{scope.uri}` |",
-              f"| report run | `{parent_run_id}` (variant runs nested under it) |",
+             f"| task (data set) | {task.dataset} |",
+             f"| model | {_tags(task, 'model')}, T={_tags(task, 'T')} |",
+             f"| experiment | `{task.experiment.name}` (id {task.experiment.experiment_id}) |"]
+    if task.sweep_id:
+        lines.append(f"| sweep | `{task.sweep_id}` |")
+    axes = " x ".join(f"{k} [{', '.join(v)}]" for k, v in grid.factors.items())
+    lines += [f"| grid | {axes} = {len(grid.cells())} variants |",
+              f"| seeds | {', '.join(map(str, grid.seeds))} |",
+              f"| runs | {count['ok']} ok, {count['failed']} failed, {count['missing']} missing, of {len(rows)} |",
+              f"| tracking | `{uri}`, parent run `{parent_run_id}` (runs nested under it) |",
               f"| written | {time.strftime('%Y-%m-%d %H:%M:%S %Z')} |", ""]
-    if strays:
-        lines += [f"{strays} run(s) in scope are not variants of the grid (no `model.neuron.*` "
-                  "params or `neuron` tag naming one) and are not counted.", ""]
+    paper_variants = [s["variant"] for s in summary if s["protocol"] == PAPER]
+    lines += [f"Rows of the paper's protocol: the {len(paper_variants)} variants whose every level is one "
+              "the paper varies (leak normal/none/complete, reset hard/none, recurrence none/full); the "
+              "others are ours (`protocol` column).", ""]
+    if task.strays:
+        lines += [f"{task.strays} run(s) in scope are no study run (no `variant` and `seed` tags) and "
+                  "are not counted.", ""]
 
-    metric_cols = [c for c in cols if c not in ("leak", "reset", "recurrence", "status")]
-    lines += ["## Results", "",
-              "Accuracies are fractions; firing_rate is spikes per neuron per time step, sops "
-              "synaptic operations per image, energy µJ per image; `<kind>_top1_<x>` is top-1 "
-              "under Gaussian noise sigma x, FGSM or PGD eps x. Also in `results.csv`.", "",
-              "| variant | status | " + " | ".join(metric_cols) + " |",
-              "|---|---|" + "---:|" * len(metric_cols)]
-    for v in variants:
-        lines.append(f"| {v.name} | {v.row['status']} | "
-                     + " | ".join(_num(v.row.get(c)) for c in metric_cols) + " |")
+    lines += ["## The paper's findings beside this task", "", STATISTICS, ""]
+    if task.claims:
+        lines += claims_table(task.claims, adjusted) + [""]
+        lines += ["The paper's sentences:", ""]
+        seen = set()
+        for claim in task.claims:
+            if claim.spec.sentence and claim.spec.key not in seen:
+                seen.add(claim.spec.key)
+                lines.append(f"- {claim.spec.key}: \"{claim.spec.sentence}\"")
+        lines.append("")
+    else:
+        lines += ["No claim can be tested on this grid (each compares two levels of one factor).", ""]
 
-    lines += ["", "## Failed or missing variants", ""]
-    not_ok = [v for v in variants if v.row["status"] != "ok"]
-    lines += [f"- `{v.name}`: {v.why_not_ok()}" for v in not_ok] or \
-             [f"None: all {len(GRID)} variants are ok."]
+    show = [m for m in SUMMARY_METRICS if any(s.get(f"{m}_n") for s in summary)]
+    lines += ["## Per variant (mean ± std over ok seeds, n)", "",
+              "Accuracies are fractions; firing_rate spikes per neuron per step; sops per sample; "
+              + "; ".join(f"{k}: {v}" for k, v in DERIVED.items()) + ". Every metric, with its 95 % "
+              "CI (t over seeds), is in `summary.csv`; every run in `results.csv`.", "",
+              "| variant | protocol | ok/runs | " + " | ".join(show) + " |",
+              "|---|---|---|" + "---:|" * len(show)]
+    for s in summary:
+        cells = []
+        for m in show:
+            mean, std = s.get(f"{m}_mean"), s.get(f"{m}_std")
+            cells.append("" if mean is None else f"{mean:.4g} ± {std:.2g} ({s[f'{m}_n']})")
+        total = s["n_ok"] + s["n_failed"] + s["n_missing"]
+        lines.append(f"| {s['variant']} | {s['protocol']} | {s['n_ok']}/{total} | " + " | ".join(cells) + " |")
+
+    lines += ["", "## Failed or missing runs", ""]
+    not_ok = [r for r in rows if r["status"] != "ok"]
+    lines += [f"- `{r['variant']}` seed {r['seed']}: {r['reason']}" for r in not_ok] or \
+             [f"None: all {len(rows)} runs are ok."]
     if not_ok:
-        lines += ["", "They are left out of every comparison below."]
-
-    lines += ["", "## The paper's findings beside this sweep", "",
-              "Each claim compares the mean of a metric over two groups of ok variants that differ "
-              "in one factor, counting only variants whose other two factors occur in both groups. "
-              f"Difference d = mean(expected higher) - mean(expected lower): d > {MARGIN:g} holds, "
-              f"d < -{MARGIN:g} does not hold, otherwise (or when a group has no ok variant "
-              "measuring the metric) inconclusive. A finding holds when all its claims hold and "
-              "does not hold when any claim does not. robust_top1 is a variant's mean top-1 over "
-              "the nonzero noise sigma and FGSM/PGD eps; stream_top1 exists on temporal data "
-              "sets only.", ""]
-    for i, finding in enumerate(found, 1):
-        lines += [f"### {i}. {finding.title}: **{finding.verdict}**", "",
-                  "| claim | metric | expected higher | mean (n) | expected lower | mean (n) | d | verdict |",
-                  "|---|---|---|---:|---|---:|---:|---|"]
-        for c in finding.claims:
-            d = c.difference
-            lines.append(f"| {c.statement} | {c.metric} | {c.higher} | {_num(c.higher_mean)} "
-                         f"({c.n_higher}) | {c.lower} | {_num(c.lower_mean)} ({c.n_lower}) | "
-                         f"{'' if d is None else f'{d:+.4f}'} | {c.verdict} |")
-        lines += [""] + [f"- {c.key}: inconclusive, {c.reason}." for c in finding.claims if c.reason]
-        if any(c.reason for c in finding.claims):
-            lines.append("")
-
-    lines += ["## Plots", ""]
-    lines += [f"![{p.stem}](plots/{p.name})" for p in plots] or ["No variant has data to plot."]
+        lines += ["", "They are left out of every comparison: a pair needs both of its runs."]
+    lines += ["", "## Plots", ""]
+    lines += [f"![{p.stem}](plots/{p.name})" for p in plots] or ["No run has data to plot."]
     return "\n".join(lines) + "\n"
+
+
+def render_cross_task(tasks: Sequence[Task], adjusted: Mapping[int, float | None], forest: Path | None) -> str:
+    """findings.md: one table of claims x tasks, then every claim in full."""
+    names = [t.name for t in tasks]
+    keys = list(dict.fromkeys(c.spec.key for t in tasks for c in t.claims))
+    by = {(c.spec.key, t.name): c for t in tasks for c in t.claims}
+    lines = ["# Functional roles across tasks", "",
+             "The paper finds the effects largest on temporal tasks, then spatio-temporal, then spatial; "
+             "this table shows, per claim and task, the verdict and the effect with its 95 % CI, p "
+             "(Holm-adjusted over every cell) and n pairs. `(paper)` marks a cell of the paper's protocol.", "",
+             STATISTICS, "",
+             "| claim | " + " | ".join(f"{n} ({t.dataset})" for n, t in zip(names, tasks)) + " |",
+             "|---|" + "---|" * len(names)]
+    for key in keys:
+        cells = []
+        for name in names:
+            c = by.get((key, name))
+            if c is None:
+                cells.append("not in this grid")
+                continue
+            effect, ci, _, n = _effect(c)
+            mark = " (paper)" if c.protocol == PAPER else ""
+            cells.append(f"**{c.verdict}**{mark} {effect} {ci} p={_num(adjusted.get(id(c)), 3)} n={n}"
+                         if c.comparison.effect is not None else f"{c.verdict}: {c.comparison.reason}")
+        spec = next(c.spec for t in tasks for c in t.claims if c.spec.key == key)
+        lines.append(f"| {key} ({spec.source}) | " + " | ".join(cells) + " |")
+    lines += ["", "## Every claim", ""]
+    lines += claims_table([c for t in tasks for c in t.claims], adjusted, task_column=True)
+    lines += ["", "## Findings", ""] + [f"- {k}: {v}" for k, v in FINDINGS.items()]
+    lines += ["", "Per-task reports: " + ", ".join(f"[{t.name}]({t.name}/report.md)" for t in tasks)]
+    if forest:
+        lines += ["", f"![forest]({forest.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def claims_rows(tasks: Sequence[Task], adjusted: Mapping[int, float | None]) -> list[dict]:
+    """findings.csv / claims.csv: one row per claim of each task."""
+    out = []
+    for t, c in ((t, c) for t in tasks for c in t.claims):
+        comp = c.comparison
+        out.append({"sweep": t.name, "task": c.task, "claim": c.spec.key, "finding": c.spec.finding, "source": c.spec.source,
+                    "protocol": c.protocol, "metric": c.spec.metric, "factor": c.spec.factor,
+                    "higher": "/".join(c.spec.higher), "lower": "/".join(c.spec.lower), "verdict": c.verdict,
+                    "effect": comp.effect, "ci_low": comp.ci[0] if comp.ci else None,
+                    "ci_high": comp.ci[1] if comp.ci else None, "p": comp.p, "p_holm": adjusted.get(id(c)),
+                    "n_pairs": comp.n, "reason": comp.reason})
+    return out
+
+
+CLAIM_COLUMNS = ("sweep", "task", "claim", "finding", "source", "protocol", "metric", "factor", "higher", "lower",
+                 "verdict", "effect", "ci_low", "ci_high", "p", "p_holm", "n_pairs", "reason")
 
 
 # --------------------------------------------------------------------------------------------
 # The parent run
 
 
-def parent_run(client, scope: Scope) -> str:
+def parent_run(client, task: Task) -> str:
     """The report run of this experiment or sweep, reopened; created on the first report."""
-    reports = _search(client, [scope.experiment.experiment_id], f"tags.`{ROLE_TAG}` = '{ROLE}'")
-    mine = [r for r in reports if r.data.tags.get("sweep_id") == scope.sweep_id]
+    reports = _search(client, [task.experiment.experiment_id], f"tags.`{ROLE_TAG}` = '{ROLE}'")
+    mine = [r for r in reports if r.data.tags.get("sweep_id") == task.sweep_id]
     if mine:
         run_id = mine[0].info.run_id  # newest first
         client.update_run(run_id, status="RUNNING")
         return run_id
-    tags = {ROLE_TAG: ROLE, **({"sweep_id": scope.sweep_id} if scope.sweep_id else {})}
-    return client.create_run(scope.experiment.experiment_id, tags=tags,
-                             run_name=f"study-report-{scope.name}").info.run_id
+    tags = {ROLE_TAG: ROLE, **({"sweep_id": task.sweep_id} if task.sweep_id else {})}
+    return client.create_run(task.experiment.experiment_id, tags=tags,
+                             run_name=f"study-report-{task.name}").info.run_id
 
 
-def publish(client, run_id: str, scope: Scope, variants: list[Variant], found: list[Finding],
-            out: Path) -> int:
-    """Log the verdicts, counts and files to the parent run and nest the variant runs under it
-    (un-nesting runs a newer run of their variant replaced). Returns how many runs are nested."""
-    from mlflow.entities import Metric, Param, RunTag
+def publish(client, run_id: str, task: Task, files: Sequence[Path]) -> int:
+    """Log the verdicts, counts and files to the parent run and nest the task's runs under it
+    (un-nesting runs a newer run of their cell replaced). Returns how many runs are nested."""
+    from mlflow.entities import Metric, RunTag
 
     now = int(time.time() * 1000)
-    tags = [RunTag(f"study.finding.{f.key}", f.verdict) for f in found]
-    tags += [RunTag(f"study.finding.{f.key}.{c.key}", c.verdict) for f in found for c in f.claims]
-    # params cannot change once logged, and a rerun may measure new runs: only constants here
-    params = [Param("study.margin", f"{MARGIN:g}")]
-    metrics = [Metric(f"study/variants_{s}", sum(v.row["status"] == s for v in variants), now, 0)
+    tags = [RunTag(f"study.claim.{c.spec.key}", c.verdict) for c in task.claims]
+    metrics = [Metric(f"study/runs_{s}", sum(r["status"] == s for r in task.rows), now, 0)
                for s in ("ok", "failed", "missing")]
-    metrics += [Metric(f"study/{f.key}.{c.key}.difference", c.difference, now, 0)
-                for f in found for c in f.claims if c.difference is not None]
-    client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
-
-    children = {v.run.info.run_id for v in variants if v.run is not None}
+    metrics += [Metric(f"study/{c.spec.key}.effect", c.comparison.effect, now, 0)
+                for c in task.claims if c.comparison.effect is not None]
+    client.log_batch(run_id, metrics=metrics, tags=tags)
+    children = {run.info.run_id for run in task.runs.values()}
     for child in children:
         client.set_tag(child, PARENT_TAG, run_id)
-    nested = _search(client, [scope.experiment.experiment_id], f"tags.`{PARENT_TAG}` = '{run_id}'")
-    for run in nested:
+    for run in _search(client, [task.experiment.experiment_id], f"tags.`{PARENT_TAG}` = '{run_id}'"):
         if run.info.run_id not in children:
             client.delete_tag(run.info.run_id, PARENT_TAG)
-
-    client.log_artifact(run_id, str(out / "results.csv"))
-    client.log_artifact(run_id, str(out / "report.md"))
-    if any((out / "plots").glob("*.png")):
-        client.log_artifacts(run_id, str(out / "plots"), "plots")
+    for path in files:
+        if path.is_dir():
+            if any(path.glob("*.png")):
+                client.log_artifacts(run_id, str(path), path.name)
+        else:
+            client.log_artifact(run_id, str(path), None if path.parent == task.out else "cross_task")
     return len(children)
 
 
@@ -388,16 +542,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The report's options; exits 2 (argparse) when neither --experiment nor --sweep-id is given."""
     p = argparse.ArgumentParser(prog="python -m study report", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:6]))
-    p.add_argument("--experiment", help="MLflow experiment of the variant runs (e.g. ablation)")
-    p.add_argument("--sweep-id", help="the sweep_id tag `python -m launch.submit --sweep` printed")
+                                epilog="\n".join(__doc__.splitlines()[2:5]))
+    p.add_argument("--experiment", help="MLflow experiment of the runs (e.g. ablation)")
+    p.add_argument("--sweep-id", action="append", default=[],
+                   help="a sweep (one task): the sweep_id tag of its runs; repeat for a cross-task report")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                    "else the embedded store <runs root>/mlflow.db)")
     p.add_argument("--runs-root", type=Path, default=Path("runs"),
                    help="the runs directory (run.root of the sweep; default: runs)")
-    p.add_argument("--out", type=Path, help="output directory (default: <runs root>/study/<name>)")
+    p.add_argument("--out", type=Path, help="output directory (default: <runs root>/study)")
     args = p.parse_args(argv)
-    if args.experiment is None and args.sweep_id is None:
+    if args.experiment is None and not args.sweep_id:
         p.error("give --experiment NAME or --sweep-id ID (or both)")
     return args
 
@@ -410,8 +565,11 @@ def tracking_uri(args: argparse.Namespace) -> str:
     return resolve_uri(TrackingConfig(), args.runs_root)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m study report ...`; returns the exit code (0, or 2 for bad input)."""
+def main(argv: list[str] | None = None, grids: Mapping[str, Grid] | None = None,
+         exits: Mapping[str, Mapping[tuple[str, int], int]] | None = None) -> int:
+    """`python -m study report ...`; returns the exit code (0, or 2 for bad input). `grids`:
+    sweep id -> the grid `python -m study run` gave it (else each grid is read from its runs);
+    `exits`: sweep id -> {(variant, seed): nonzero exit code} of the runs it saw fail."""
     args = parse_args(argv)
     # one short attempt per HTTP request: an unreachable server is a one-line error, not minutes
     # of MLflow's own retries (process-wide MLflow settings; this process only reports)
@@ -419,58 +577,84 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # we print the link
     try:
-        return report(args)
+        return report(args, grids or {}, exits or {})
     except StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 
-def report(args: argparse.Namespace) -> int:
+def _dirname(name: str) -> str:
+    return re.sub(r"[^\w.=,-]+", "_", name).strip("._") or "report"
+
+
+def load_task(client, experiment: str | None, sweep_id: str | None, grid: Grid | None,
+              exits: Mapping[tuple[str, int], int] | None = None) -> Task:
+    exp, runs = find_runs(client, experiment, sweep_id)
+    grid, rows, latest, strays = build_rows(runs, grid, exits)
+    if not latest:
+        raise StudyError(f"none of the {len(runs)} runs of {sweep_id or experiment!r} is a study run "
+                         "(no `variant` and `seed` tags); train them with `python -m study run`")
+    task = Task(sweep_id or exp.name, exp, sweep_id, grid, rows, latest, strays)
+    task.dataset = _tags(task, "dataset")
+    task.claims = decide(rows, grid.factors, task.dataset)
+    return task
+
+
+def report(args: argparse.Namespace, grids: Mapping[str, Grid], exits: Mapping[str, Mapping]) -> int:
     """Read, write, publish and print where; raises StudyError for bad input."""
     uri = tracking_uri(args)
     client = open_store(uri)
-    experiment, runs = find_runs(client, args.experiment, args.sweep_id)
-    scope = Scope(name=args.sweep_id or experiment.name, experiment=experiment,
-                  sweep_id=args.sweep_id, uri=uri)
-    variants, strays = build_variants(runs)
-    if all(v.run is None for v in variants):
-        raise StudyError(f"none of the {len(runs)} runs of {scope.name!r} is a LIF variant "
-                         "(no model.neuron.leak/reset/recurrence params)")
-    out = args.out or args.runs_root / "study" / (re.sub(r"[^\w.-]+", "_", scope.name).strip("._")
-                                                  or "report")
-    rows = [v.row for v in variants]
-    cols = columns(rows)
-    found = findings(rows)
+    scopes = args.sweep_id or [None]
+    tasks = [load_task(client, args.experiment, s, grids.get(s), exits.get(s)) for s in scopes]
+    out = args.out or args.runs_root / "study"
+    every = [c for t in tasks for c in t.claims]
+    adjusted = dict(zip(map(id, every), holm([c.comparison.p for c in every])))
 
-    from study.plots import write_plots  # matplotlib only once there is something to draw
-    (out / "plots").mkdir(parents=True, exist_ok=True)
-    for stale in (out / "plots").glob("*.png"):  # figures an earlier report drew, now without data
-        stale.unlink()
-    plots = write_plots(rows, out / "plots")
-
-    run_id = parent_run(client, scope)
-    try:
-        write_csv(rows, cols, out / "results.csv")
-        write_text(out / "report.md", render_markdown(scope, variants, cols, found, plots, run_id,
-                                                      len(strays)))
-        nested = publish(client, run_id, scope, variants, found, out)
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
-
-    count = {s: sum(v.row["status"] == s for v in variants) for s in ("ok", "failed", "missing")}
-    print(f"report: {(out / 'report.md').resolve()} (results.csv and plots/ beside it)")
-    print(f"variants: {count['ok']} ok, {count['failed']} failed, {count['missing']} missing "
-          f"of {len(GRID)}" + ("; the others are listed in report.md" if count["ok"] < len(GRID) else ""))
-    for finding in found:
-        print(f"finding {finding.key}: {finding.verdict}"
-              + ("" if finding.verdict == HOLDS else
-                 f" ({', '.join(f'{c.key} {c.verdict}' for c in finding.claims)})"))
-    # workflowType: MLflow 3's UI picks its GenAI or model-training view from the URL (else the
-    # browser's last choice), not from the experiment's kind tag.
-    ui = (f"; UI {uri.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs/{run_id}?workflowType=machine_learning"
-          if uri.startswith(("http://", "https://")) else "")
-    print(f"MLflow: parent run {run_id} in experiment {experiment.name!r} (id "
-          f"{experiment.experiment_id}) at {uri}, {nested} variant runs nested under it{ui}")
+    from study import plots  # matplotlib only once there is something to draw
+    cross: list[Path] = []
+    if len(tasks) > 1:
+        forest = plots.plot_forest(every, out / "forest.png", adjusted)
+        write_csv(claims_rows(tasks, adjusted), CLAIM_COLUMNS, out / "findings.csv")
+        cross = [write_text(out / "findings.md", render_cross_task(tasks, adjusted, forest)), out / "findings.csv"]
+        cross += [forest] if forest else []
+    for task in tasks:
+        task.out = out / _dirname(task.name)
+        metrics = metric_columns(task.rows, task.grid)
+        summary, summary_cols = summarise(task.rows, task.grid, metrics)
+        plot_dir = task.out / "plots"
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        for stale in plot_dir.glob("*.png"):  # figures an earlier report drew, now without data
+            stale.unlink()
+        drawn = plots.write_plots(task.rows, task.grid.factors, summary, task.claims, plot_dir, adjusted)
+        run_id = parent_run(client, task)
+        try:
+            base = [*task.grid.factors, "variant", "seed", "status"]
+            write_csv(task.rows, [*base, *metrics, "run_id", "reason"], task.out / "results.csv")
+            write_csv(summary, summary_cols, task.out / "summary.csv")
+            write_csv(claims_rows([task], adjusted), CLAIM_COLUMNS, task.out / "claims.csv")
+            write_text(task.out / "report.md", render_task(task, metrics, summary, drawn, run_id, uri, adjusted))
+            files = [task.out / n for n in ("results.csv", "summary.csv", "claims.csv", "report.md")]
+            nested = publish(client, run_id, task, [*files, plot_dir, *cross])
+        except BaseException:
+            client.set_terminated(run_id, "FAILED")
+            raise
+        client.set_terminated(run_id, "FINISHED")
+        count = {s: sum(r["status"] == s for r in task.rows) for s in ("ok", "failed", "missing")}
+        print(f"report {task.name}: {(task.out / 'report.md').resolve()} (results.csv, summary.csv, plots/ beside it)")
+        print(f"  runs: {count['ok']} ok, {count['failed']} failed, {count['missing']} missing of {len(task.rows)}"
+              + ("; named in report.md" if count["ok"] < len(task.rows) else ""))
+        for c in task.claims:
+            print(f"  {c.spec.key} ({c.protocol}): {c.verdict}"
+                  + (f", effect {c.comparison.effect:+.4f}" if c.comparison.effect is not None else "")
+                  + (f" [{c.comparison.ci[0]:+.4f}, {c.comparison.ci[1]:+.4f}]" if c.comparison.ci else "")
+                  + (f", p {c.comparison.p:.3g}" if c.comparison.p is not None else "")
+                  + f", n {c.comparison.n}" + (f" ({c.comparison.reason})" if c.comparison.reason else ""))
+        # workflowType: MLflow 3's UI picks its GenAI or model-training view from the URL
+        exp = task.experiment
+        ui = (f"; UI {uri.rstrip('/')}/#/experiments/{exp.experiment_id}/runs/{run_id}?workflowType=machine_learning"
+              if uri.startswith(("http://", "https://")) else "")
+        print(f"  MLflow: parent run {run_id} in experiment {exp.name!r} (id {exp.experiment_id}) at {uri}, "
+              f"{nested} runs nested under it{ui}")
+    if cross:
+        print(f"cross-task report: {cross[0].resolve()}")
     return 0
