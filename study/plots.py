@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from study import atomic_path
 from study.findings import DERIVED, SWEPT_AXIS, Claim, swept_columns, swept_value
-from study.stats import DOES_NOT_HOLD, HOLDS
+from study.stats import DOES_NOT_HOLD, HOLDS, mean_ci
 
 HEATMAP_METRICS = {"top1": "validation top-1", "robust_top1": DERIVED["robust_top1"],
                    "shift_top1": DERIVED["shift_top1"], "stream_top1": "stream top-1 (ours)",
@@ -38,7 +38,6 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def _band(values: list[float]) -> tuple[float, float, float]:
-    from study.report import mean_ci
     mean, _, lo, hi = mean_ci(values)
     return mean, (mean if lo is None else lo), (mean if hi is None else hi)
 

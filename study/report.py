@@ -45,7 +45,7 @@ import numpy as np
 from study import atomic_path
 from study.findings import DERIVED, FINDINGS, OURS, PAPER, Claim, decide, metric_value, swept_columns
 from study.grid import parse_variant, variant_name
-from study.stats import CONFIDENCE, holm
+from study.stats import CONFIDENCE, holm, mean_ci
 from train.config import STUDY_PRESETS
 
 EXIT_USER_ERROR = 2
@@ -287,17 +287,6 @@ def metric_columns(rows: Sequence[Mapping], grid: Grid) -> list[str]:
     swept = swept_columns(found)
     first = [c for c in SUMMARY_METRICS if c in found]
     return first + swept + sorted(found - set(first) - set(swept))
-
-
-def mean_ci(values: Sequence[float]) -> tuple[float, float, float | None, float | None]:
-    """(mean, std (n-1), CI low, CI high): the 95 % t-interval of the mean; None below 2 values."""
-    x = np.asarray(values, dtype=float)
-    if len(x) == 1:
-        return float(x[0]), 0.0, None, None
-    from scipy import stats
-    std = float(x.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(x) - 1)) * std / math.sqrt(len(x))
-    return float(x.mean()), std, float(x.mean()) - half, float(x.mean()) + half
 
 
 def summarise(rows: Sequence[Mapping], grid: Grid, metrics: Sequence[str]) -> tuple[list[dict], list[str]]:

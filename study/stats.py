@@ -128,3 +128,13 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
         running = max(running, min(1.0, (m - rank) * p))  # monotone: never below an earlier one
         adjusted[i] = running
     return adjusted
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float, float | None, float | None]:
+    """(mean, std (n-1), CI low, CI high): the 95 % t-interval of the mean; None below 2 values."""
+    x = np.asarray(values, dtype=float)
+    if len(x) == 1:
+        return float(x[0]), 0.0, None, None
+    std = float(x.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(x) - 1)) * std / math.sqrt(len(x))
+    return float(x.mean()), std, float(x.mean()) - half, float(x.mean()) + half
