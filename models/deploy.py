@@ -8,13 +8,19 @@ the discrete-time semantics below, so an export can be checked against the model
 
 Our neuron is discrete in time (``models.neurons``): ``h[t] = d*v[t-1] + I[t]``,
 ``o[t] = H(h[t] - V_th)``, then the reset. NIR's neurons are ODEs; the export maps them so that
-one forward-Euler step of ``dt = 1`` is exactly our step::
+one forward-Euler step of the consumer's time step ``dt`` (seconds; the graph's metadata says
+which) is exactly our step::
 
-    NIR LIF   tau*dv/dt = (v_leak - v) + r*I                  tau = 1/(1-d), r = tau, v_leak = 0
+    NIR LIF   tau*dv/dt = (v_leak - v) + r*I          tau = dt/(1-d), r = 1/(1-d), v_leak = 0
       Euler   v[t] = v[t-1] + dt/tau*(v_leak - v[t-1] + r*I[t]) = d*v[t-1] + I[t]
-    NIR IF    dv/dt = r*I                      (no leak, d = 1)   r = 1: v[t] = v[t-1] + I[t]
+    NIR IF    dv/dt = r*I                      (no leak, d = 1)   r = 1/dt: v[t] = v[t-1] + I[t]
     spike     z[t] = 1 if v[t] > v_threshold (strictly), after integrating step t
     reset     v[t] = v_reset where z[t] = 1                   (our hard reset, any v_reset)
+
+``r*dt/tau = 1``: the input enters unscaled, which is also the form snnTorch's own NIR export
+writes (``tau = dt/(1-beta)``, ``r = tau/dt``). The default ``dt = 1e-4`` s (``DEFAULT_NIR_DT``)
+is the step snnTorch 1.0's ``import_from_nir`` hard-codes; Norse's ``from_nir`` takes it as
+``dt=``. What each consumer then reproduces is measured in tests/train/test_nir_consumers.py.
 
 Reset none is an LI (or, without leak, an I) integrator followed by a Threshold node. A graph is
 evaluated once per time step, every node in topological order, with no delay on edges; a node's
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from enum import Enum
 from pathlib import Path
@@ -41,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import models.zoo  # noqa: F401  (registers the networks load_folded rebuilds with timm)
+from models.foreign import ForeignModel
 from models.mlp import SpikingMLP, TdBN1d
 from models.neurons import LIF, Recurrence, Reset
 from models.resnet import BasicBlock, Bottleneck, SpikingResNet
@@ -50,6 +58,7 @@ if TYPE_CHECKING:  # nir is imported where it is used, so `import models.deploy`
     import nir
 
 __all__ = [
+    "DEFAULT_NIR_DT",
     "NIRExportError",
     "fold_tdbn_into_linear",
     "fold_model",
@@ -60,6 +69,7 @@ __all__ = [
 ]
 
 FOLDED_FORMAT = "spikescale-folded-v1"
+DEFAULT_NIR_DT = 1e-4  # seconds: the step snnTorch 1.0's import_from_nir assumes (it has no dt argument)
 
 
 class NIRExportError(ValueError):
@@ -111,8 +121,12 @@ def fold_model(model: nn.Module) -> nn.Module:
     has ``requires_grad`` off.
 
     Raises:
-        ValueError: a norm without such a sibling (a model family this rule does not fit).
+        ValueError: a norm without such a sibling (a model family this rule does not fit), or a
+            brought network (``models.foreign``), whose layers follow no such rule.
     """
+    if any(isinstance(m, ForeignModel) for m in model.modules()):
+        raise ValueError(f"fold_model: {getattr(model, 'name', type(model).__name__)} is a brought network "
+                         "(models.foreign); folding pairs our networks' norms with their layers")
     folded = copy.deepcopy(model).eval()
     names = {m: n for n, m in folded.named_modules()}
     for parent in list(folded.modules()):
@@ -190,8 +204,9 @@ def _plain(value: Any) -> Any:
 
 # --------------------------------------------------------------------------------------- NIR
 
-def to_nir(model: nn.Module, input_shape: Sequence[int]) -> nir.NIRGraph:
-    """The folded network as a NIR graph (semantics in the module docstring).
+def to_nir(model: nn.Module, input_shape: Sequence[int], dt: float = DEFAULT_NIR_DT) -> nir.NIRGraph:
+    """The folded network as a NIR graph for a consumer stepping at ``dt`` seconds (semantics in
+    the module docstring; ``tau`` is in seconds, one model step is one Euler step of ``dt``).
 
     Node names are the folded model's module names (``conv1``, ``layer1.0.lif2``, ``fc``, ...),
     plus ``input``, ``output``, ``avgpool``, ``flatten``. The output node carries the logits of
@@ -202,26 +217,32 @@ def to_nir(model: nn.Module, input_shape: Sequence[int]) -> nir.NIRGraph:
         model: ``fold_model(...)`` of a ``SpikingResNet`` (CIFAR stem) or ``SpikingMLP``.
         input_shape: one step of one sample, no batch: ``(C, H, W)`` for a ResNet, ``(F,)`` or
             ``(C, H, W)`` (flattened by a Flatten node) for an MLP.
+        dt: the consumer's time step in seconds (> 0), written to the metadata as ``dt``.
 
     Raises:
-        NIRExportError: a setting NIR cannot express, or an input shape the model cannot take.
+        NIRExportError: a setting NIR cannot express, an input shape the model cannot take, or
+            a ``dt`` that is not a positive finite number.
         ValueError: ``model`` still has norms (fold it first).
     """
     import nir
 
-    leftover = [n for n, m in model.named_modules() if isinstance(m, (TdBN, nn.BatchNorm1d, nn.BatchNorm2d))]
-    if leftover:
-        raise ValueError(f"to_nir needs a folded model (fold_model); {leftover[0]} is still a norm")
+    if not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
+        raise NIRExportError(f"dt={dt!r}: the consumer's time step must be a positive number of seconds")
+    # The family first: a network it does not map (SEW, MS, the transformers) is refused as such,
+    # whatever norms fold_model left in it.
     if type(model) not in (SpikingResNet, SpikingMLP):  # subclasses (SEW, MS) wire blocks otherwise
         raise NIRExportError(f"{type(model).__name__} has no NIR mapping (models/deploy.py maps the tdBN "
                              "SpikingResNet and SpikingMLP)")
+    leftover = [n for n, m in model.named_modules() if isinstance(m, (TdBN, nn.BatchNorm1d, nn.BatchNorm2d))]
+    if leftover:
+        raise ValueError(f"to_nir needs a folded model (fold_model); {leftover[0]} is still a norm")
     if isinstance(model, SpikingResNet) and model.maxpool is not None:
         raise NIRExportError("the ImageNet stem's max pooling has no NIR node (NIR pools by sum or "
                              "average only); export a model with the CIFAR stem (e.g. spiking_resnet19)")
     for name, lif in model.named_modules():
         if isinstance(lif, LIF):
             _check_neuron(name, lif)
-    graph = _GraphBuilder(nir, _layer_shapes(model, tuple(int(s) for s in input_shape)))
+    graph = _GraphBuilder(nir, _layer_shapes(model, tuple(int(s) for s in input_shape)), float(dt))
     if isinstance(model, SpikingResNet):
         graph.resnet(model)
         encoding = ("an image [C, H, W] is presented unchanged at each of T steps (direct encoding); "
@@ -234,11 +255,12 @@ def to_nir(model: nn.Module, input_shape: Sequence[int]) -> nir.NIRGraph:
         "producer": "spikescale models.deploy.to_nir",
         "model": type(model).__name__,
         "time_steps": int(model.T),
-        "dt": 1.0,
+        "dt": float(dt),
         "neuron_discretisation": (
-            "forward Euler with dt = 1 gives the trained discrete neuron exactly: LIF tau = 1/(1-d), "
-            "r = tau, v_leak = 0 -> v[t] = d*v[t-1] + I[t]; IF r = 1 -> v[t] = v[t-1] + I[t]; "
-            "spike if v[t] > v_threshold after integrating step t, then v[t] = v_reset"),
+            f"forward Euler with dt = {float(dt)!r} s (one model step) gives the trained discrete neuron "
+            "exactly: LIF tau = dt/(1-d) s, r = 1/(1-d), v_leak = 0 -> v[t] = d*v[t-1] + I[t]; "
+            "IF r = 1/dt -> v[t] = v[t-1] + I[t]; spike if v[t] > v_threshold after integrating "
+            "step t, then v[t] = v_reset"),
         "evaluation": ("every node once per time step in topological order, no delay on edges; a "
                        "node's input is the sum of its incoming edges; neuron state starts at 0"),
         "input_encoding": encoding,
@@ -296,9 +318,10 @@ def _numpy(t: Tensor) -> np.ndarray:
 class _GraphBuilder:
     """Collects NIR nodes (named after the model's modules) and edges."""
 
-    def __init__(self, nir_module: Any, shapes: dict[str, tuple[int, ...]]):
+    def __init__(self, nir_module: Any, shapes: dict[str, tuple[int, ...]], dt: float):
         self.nir = nir_module
         self.shapes = shapes
+        self.dt = dt
         self.nodes: dict[str, Any] = {"input": nir_module.Input(input_type=np.array(shapes["input"]))}
         self.edges: list[tuple[str, str]] = []
 
@@ -334,23 +357,23 @@ class _GraphBuilder:
             return np.full(shape, value, dtype=dtype)
 
         # What the model computes with: fp32 decay and threshold (a Python float is rounded to the
-        # input's dtype); tau and r in fp64 so that 1 - dt/tau gives that fp32 decay back.
+        # input's dtype); tau and r in fp64 so that 1 - dt/tau and r*dt/tau give that fp32 decay
+        # and an input gain of 1 back.
         decay = per_neuron(lif.decay(), np.float32).astype(np.float64)
         threshold = per_neuron(lif.threshold(), np.float32)
         v_reset = np.full(shape, lif.neuron.v_reset, dtype=np.float32)
         leaky = not bool((decay == 1).all())
-        tau = 1.0 / (1.0 - decay) if leaky else None
+        tau = self.dt / (1.0 - decay) if leaky else None
+        r = 1.0 / (1.0 - decay) if leaky else np.full(shape, 1.0 / self.dt)
         nir = self.nir
         if lif.neuron.reset is Reset.hard:
             if leaky:
-                node = nir.LIF(tau=tau, r=tau.copy(), v_leak=np.zeros(shape), v_threshold=threshold,
-                               v_reset=v_reset)
+                node = nir.LIF(tau=tau, r=r, v_leak=np.zeros(shape), v_threshold=threshold, v_reset=v_reset)
             else:
-                node = nir.IF(r=np.ones(shape), v_threshold=threshold, v_reset=v_reset)
+                node = nir.IF(r=r, v_threshold=threshold, v_reset=v_reset)
             return self.add(name, node, *sources)
         # Reset none: the membrane integrates without reset; spikes are its thresholded value.
-        integrator = (nir.LI(tau=tau, r=tau.copy(), v_leak=np.zeros(shape)) if leaky
-                      else nir.I(r=np.ones(shape)))
+        integrator = nir.LI(tau=tau, r=r, v_leak=np.zeros(shape)) if leaky else nir.I(r=r)
         self.add(name, integrator, *sources)
         return self.add(f"{name}.threshold", nir.Threshold(threshold=threshold), name)
 
@@ -401,8 +424,8 @@ def simulate_nir(graph: nir.NIRGraph, x: Tensor, *, record: bool = False
     """Run a NIR graph over time with the discrete semantics ``to_nir`` documents.
 
     Each step evaluates every node once in topological order; a node's input is the sum of its
-    incoming edges at that step; neurons take one forward-Euler step of ``dt = 1`` from a zero
-    state (LIF, IF, LI, I, with reset to ``v_reset`` after a spike ``v > v_threshold``). The
+    incoming edges at that step; neurons take one forward-Euler step of the metadata's ``dt``
+    (1 when the graph has none) from a zero state (LIF, IF, LI, I, with reset to ``v_reset`` after a spike ``v > v_threshold``). The
     arithmetic is the model's (torch ops in ``x``'s dtype), so a ``to_nir`` export reproduces the
     folded model's spikes exactly.
 
@@ -423,7 +446,8 @@ def simulate_nir(graph: nir.NIRGraph, x: Tensor, *, record: bool = False
         sources[dst].append(src)
     (inp,) = [n for n, node in graph.nodes.items() if isinstance(node, nir.Input)]
     (out,) = [n for n, node in graph.nodes.items() if isinstance(node, nir.Output)]
-    steps = [_NodeSim(graph.nodes[name], x.dtype, x.device) for name in order]
+    dt = float(np.asarray(graph.metadata.get("dt", 1.0)))
+    steps = [_NodeSim(graph.nodes[name], dt, x.dtype, x.device) for name in order]
     history: dict[str, list[Tensor]] = {name: [] for name in order}
     for x_t in x.unbind(0):
         values: dict[str, Tensor] = {}
@@ -467,7 +491,7 @@ def _topological_order(graph: nir.NIRGraph) -> list[str]:
 class _NodeSim:
     """One node's per-step function; neurons keep their membrane between calls."""
 
-    def __init__(self, node: Any, dtype: torch.dtype, device: torch.device):
+    def __init__(self, node: Any, dt: float, dtype: torch.dtype, device: torch.device):
         import nir
 
         self.node, self.kind = node, type(node).__name__
@@ -480,9 +504,9 @@ class _NodeSim:
         if isinstance(node, (nir.LIF, nir.LI)):
             # Euler step coefficients in fp64, then the model's dtype: 1 - dt/tau is its decay.
             tau, r, v_leak = (param(p, torch.float64) for p in (node.tau, node.r, node.v_leak))
-            self.a, self.b, self.c = (param(c) for c in (1 - 1 / tau, r / tau, v_leak / tau))
+            self.a, self.b, self.c = (param(c) for c in (1 - dt / tau, r * dt / tau, v_leak * dt / tau))
         elif isinstance(node, (nir.IF, nir.I)):
-            self.b = param(node.r)
+            self.b = param(param(node.r, torch.float64) * dt)
         if isinstance(node, (nir.LIF, nir.IF)):
             self.threshold, self.v_reset = param(node.v_threshold), param(node.v_reset)
         elif isinstance(node, nir.Threshold):

@@ -74,9 +74,14 @@ def test_fold_tdbn_into_linear_equals_the_norm_after_the_linear_layer():
 
 # Every network this package registers (spiking_*, and the SEW and MS families beside them).
 OUR_MODELS = models.model_names()
+# The families whose norms fold_model folds (tdBN and BatchNorm1d after conv<k>/fc<k>); the spiking
+# transformers keep their BatchNorm2d and have no NIR mapping (refused below).
+CONV_FAMILIES = ("models.resnet", "models.mlp", "models.sew_resnet", "models.ms_resnet")
+FOLDED_MODELS = [n for n in OUR_MODELS if timm.models.model_entrypoint(n).__module__ in CONV_FAMILIES]
+TRANSFORMERS = [n for n in OUR_MODELS if n not in FOLDED_MODELS]
 
 
-@pytest.mark.parametrize("name", OUR_MODELS)
+@pytest.mark.parametrize("name", FOLDED_MODELS)
 def test_folded_model_gives_the_same_spikes_and_logits_as_the_model_in_eval(name):
     model, x = _model_and_input(name, T=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -141,6 +146,7 @@ NIR_CASES = {
     "resnet_tiny_bottleneck_head": ("_bottleneck", {}, (3, 1, 8, 8)),
     "mlp_images": ("spiking_mlp", {"in_chans": 64}, (3, 1, 8, 8)),
     "mlp_sequence_if_reset_none": ("spiking_mlp", {"neuron": {"leak": False, "reset": "none"}}, (6, 3, 8)),
+    "mlp_sequence_complete_leak": ("spiking_mlp", {"neuron": {"leak": "complete"}}, (6, 3, 8)),
     "mlp_bn": ("spiking_mlp", {"norm": "bn"}, (3, 8)),
     "mlp_no_norm": ("spiking_mlp", {"norm": "none"}, (3, 8)),
 }
@@ -182,16 +188,19 @@ def test_nir_export_read_back_and_simulated_reproduces_the_folded_model(case, tm
     assert 0.01 < sum(float(s.mean()) for s in spikes.values()) / len(spikes) < 0.9
 
 
-def test_nir_neurons_are_the_euler_discretisation_of_our_discrete_lif(tmp_path):
+@pytest.mark.parametrize("dt", [1e-4, 1e-3, 1.0])
+def test_nir_neurons_are_the_euler_discretisation_of_our_discrete_lif_at_the_given_dt(tmp_path, dt):
     folded = fold_model(timm.create_model("spiking_resnet_tiny", T=4, neuron={"tau_decay": 0.25}).eval())
-    nir.write(tmp_path / "model.nir", to_nir(folded, (1, 8, 8)))
+    nir.write(tmp_path / "model.nir", to_nir(folded, (1, 8, 8), dt=dt))
     graph = nir.read(tmp_path / "model.nir")
 
     lif = graph.nodes["layer1.0.lif1"]
     assert isinstance(lif, nir.LIF) and lif.tau.shape == (32, 8, 8)
-    # Euler, dt = 1: v + (v_leak - v + r*I)/tau = (1 - 1/tau)*v + (r/tau)*I = 0.25*v + I
-    np.testing.assert_allclose(1 - 1 / lif.tau, 0.25, rtol=0, atol=1e-15)
-    np.testing.assert_allclose(lif.r / lif.tau, 1.0, rtol=0, atol=1e-15)
+    assert float(graph.metadata["dt"]) == dt and f"dt = {dt!r} s" in str(graph.metadata["neuron_discretisation"])
+    # Euler at dt: v + dt/tau*(v_leak - v + r*I) = (1 - dt/tau)*v + (r*dt/tau)*I = 0.25*v + I
+    np.testing.assert_allclose(lif.tau, dt / 0.75, rtol=1e-15, atol=0)
+    np.testing.assert_allclose(1 - dt / lif.tau, 0.25, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(lif.r * dt / lif.tau, 1.0, rtol=0, atol=1e-15)
     assert (lif.v_leak == 0).all() and (lif.v_threshold == 0.5).all() and (lif.v_reset == 0).all()
     # The residual add: the block's last conv and the shortcut both feed the output neuron.
     assert {src for src, dst in graph.edges if dst == "layer2.0.lif2"} == {
@@ -201,8 +210,16 @@ def test_nir_neurons_are_the_euler_discretisation_of_our_discrete_lif(tmp_path):
     assert int(graph.metadata["time_steps"]) == 4
 
     if_graph = to_nir(fold_model(timm.create_model("spiking_resnet_tiny", neuron={"leak": False}).eval()),
-                      (1, 8, 8))
-    assert isinstance(if_graph.nodes["lif1"], nir.IF) and (if_graph.nodes["lif1"].r == 1).all()
+                      (1, 8, 8), dt=dt)
+    assert isinstance(if_graph.nodes["lif1"], nir.IF)
+    np.testing.assert_allclose(if_graph.nodes["lif1"].r * dt, 1.0, rtol=1e-15, atol=0)  # v += dt*r*I = I
+
+
+@pytest.mark.parametrize("dt", [0.0, -1e-4, float("nan"), float("inf")])
+def test_to_nir_refuses_a_time_step_that_is_not_a_positive_number_of_seconds(dt):
+    folded = fold_model(timm.create_model("spiking_mlp").eval())
+    with pytest.raises(NIRExportError, match="dt="):
+        to_nir(folded, (8,), dt=dt)
 
 
 @pytest.mark.parametrize("name, neuron, match", [
@@ -226,6 +243,17 @@ def test_to_nir_refuses_a_resnet_family_it_does_not_map():
     model = OtherResNet(models.resnet.BasicBlock, (1,), (8,), stem="cifar", stem_width=8, in_chans=1)
     with pytest.raises(NIRExportError, match="OtherResNet has no NIR mapping"):
         to_nir(fold_model(model.eval()), (1, 8, 8))
+
+
+@pytest.mark.parametrize("family", ["spikformer", "spike_driven", "qkformer", "meta_spikeformer"])
+def test_to_nir_refuses_each_spiking_transformer_family_in_one_line(family):
+    names = sorted((n for n in TRANSFORMERS if n.startswith(family + "_")), key=lambda n: ("cifar" not in n, n))
+    if not names:
+        pytest.skip(f"no {family} network registered")
+    model = timm.create_model(names[0], num_classes=10).eval()  # the smallest: a CIFAR size if any
+    with pytest.raises(NIRExportError, match="has no NIR mapping") as info:
+        to_nir(fold_model(model), (3, 32, 32))
+    assert "\n" not in str(info.value)
 
 
 def test_to_nir_refuses_a_layer_mixing_if_and_lif_channels():

@@ -4,14 +4,16 @@ NIR graph; user errors are one line and exit code 2."""
 from pathlib import Path
 
 import nir
+import numpy as np
 import pytest
 import torch
 
-from data_pipelines.common import read_meta
+from data_pipelines.registry import read_meta
 from models.deploy import fold_model, load_folded, simulate_nir
 from train.config import load_config, to_yaml
 from train.engine import build_model
 from train.export import main
+from train.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,10 +65,25 @@ def test_export_nir_writes_a_graph_that_simulates_like_the_model(tmp_path, digit
         torch.testing.assert_close(steps.mean(0), fold_model(model)(x), atol=1e-5, rtol=1e-5)
 
 
+def test_export_nir_writes_tau_and_r_for_the_consumers_time_step(tmp_path, digits_dir):
+    run_dir, model = _make_run(tmp_path, digits_dir)
+    assert main([str(run_dir), "--format", "nir", "--dt", "1e-3"]) == 0
+
+    graph = nir.read(run_dir / "export" / "model.nir")
+    lif = graph.nodes["lif1"]
+    assert float(graph.metadata["dt"]) == 1e-3
+    np.testing.assert_allclose(lif.tau, 1e-3 / (1 - 0.25), rtol=1e-12)  # the demo's decay 0.25, in seconds
+    np.testing.assert_allclose(lif.r, 1 / (1 - 0.25), rtol=1e-12)
+    x = torch.randn(3, 1, 8, 8)
+    steps = simulate_nir(graph, x.unsqueeze(0).expand(model.T, *x.shape))  # Euler at the metadata's dt
+    with torch.no_grad():
+        torch.testing.assert_close(steps.mean(0), fold_model(model)(x), atol=1e-5, rtol=1e-5)
+
+
 def test_export_reads_the_newest_step_checkpoint_with_eval_checkpoint_last(tmp_path, digits_dir):
     run_dir, model = _make_run(tmp_path, digits_dir, best=False)
-    (run_dir / "checkpoints").mkdir()
-    torch.save({"model": model.state_dict(), "global_step": 7}, run_dir / "checkpoints" / "step-000000007.pt")
+    RunDir(run_dir).checkpointer().write({"model": model.state_dict(), "global_step": 7, "epoch": 0, "batch": 7,
+                                          "mlflow_run_id": None, "config_hash": "0"}, 7)
     assert main([str(run_dir), "--format", "torch", "eval.checkpoint=last"]) == 0
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
@@ -78,6 +95,8 @@ def test_export_reads_the_newest_step_checkpoint_with_eval_checkpoint_last(tmp_p
     ("no_weights", ["--format", "torch"], "best_model.pt is missing"),
     ("soft_reset", ["--format", "nir"], "neuron.reset=soft"),
     ("moved_data", ["--format", "nir"], "meta.json"),
+    ("plain", ["--format", "nir", "--dt", "0"], "dt=0.0"),
+    ("plain", ["--format", "torch", "--dt", "1e-4"], "--dt is the NIR consumer's time step"),
 ])
 def test_export_user_errors_are_one_line_with_exit_code_2(tmp_path, digits_dir, capsys, setup, args, message):
     if setup == "none":
@@ -86,6 +105,8 @@ def test_export_user_errors_are_one_line_with_exit_code_2(tmp_path, digits_dir, 
         run_dir, _ = _make_run(tmp_path, digits_dir, best=False)
     elif setup == "soft_reset":
         run_dir, _ = _make_run(tmp_path, digits_dir, "model.neuron.reset=soft")
+    elif setup == "plain":
+        run_dir, _ = _make_run(tmp_path, digits_dir)
     else:
         run_dir, _ = _make_run(tmp_path, digits_dir)
         args = [*args, f"data.path={tmp_path / 'gone'}"]
