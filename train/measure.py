@@ -1,5 +1,7 @@
 """What a trained spiking network is measured on: clean accuracy with firing statistics, and the
-functional-roles study's generalisation, noise, gradient-attack and stream accuracies.
+functional-roles study's generalisation, noise, gradient-attack and stream accuracies, with the
+attacks that keep robustness from being overestimated: a transfer through another surrogate, the
+per-sample worst case over every attack run, and a spike flip that keeps event input valid.
 
 Every function takes batches `(x, y)` as the loaders yield them (normalised inputs, `[B, C, H, W]`
 images or time-major `[T, B, ...]` sequences) and returns numbers summed over ranks before
@@ -9,12 +11,16 @@ dividing, so each rank measures its own shard. Perturbations are defined in pixe
 FGSM and PGD are written here rather than taken from torchattacks: torchattacks expects images in
 [0, 1] of one layout, and our inputs are normalised per channel, sometimes sequences, and for DVS
 event counts with no upper bound. tests/train/test_measure.py checks FGSM and PGD against
-torchattacks on images, where both apply.
+torchattacks on images, where both apply. torchattacks has no attack that keeps an input binary
+or a whole event count (its sparse attacks, JSMA, OnePixel, SparseFool, move values to arbitrary
+reals), so the spike flip is ours too.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +28,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from data_pipelines.meta import Meta
+from data_pipelines.registry import spec as data_spec
 from models import firing_counts, firing_report, reset_firing_counts, set_firing_recording
+from models.neuron_config import Surrogate
+from models.neurons import LIF
 from train import distributed
 
 Batches = Iterable[tuple[Tensor, Tensor]]
@@ -42,24 +52,29 @@ class InputSpace:
     lo, hi: the valid range in normalised units (pixel 0 and pixel_max); None = unbounded.
     batch_dim: 0 for image batches `[B, ...]`, 1 for time-major sequences `[T, B, ...]`.
 
-    DVS frames are event counts and are not normalised: the unit is one event, counts stay
-    >= 0 and have no upper bound. That is the threat model for event data: an attacker who adds
-    or removes (fractional) events per frame, polarity and pixel, never below zero.
+    Event frames, and sequences stored as raw spike counts (SHD/SSC, delayed XOR: mean 0 and
+    std 1, i.e. not normalised), are counts: the unit is one event or spike, counts stay >= 0 and
+    have no upper bound (`counts` is true). That is the threat model for event and spike data: an
+    attacker who adds or removes (fractional) events per frame, channel and pixel, never below
+    zero; `spike_flip` keeps them whole.
     """
     unit: Tensor | float
     lo: Tensor | float | None
     hi: Tensor | float | None
     batch_dim: int = 0
+    counts: bool = False
 
     @classmethod
-    def from_meta(cls, meta: dict, device: torch.device) -> InputSpace:
-        """From a data set's meta.json (`pixel_max`, default 255; per-channel `mean`, `std`)."""
-        batch_dim = 1 if meta.get("T") else 0
-        if meta["dataset"] == "dvs":
-            return cls(1.0, 0.0, None, batch_dim)
-        pixel_max = float(meta.get("pixel_max", 255))
-        mean = torch.tensor(meta["mean"], dtype=torch.float32, device=device)
-        std = torch.tensor(meta["std"], dtype=torch.float32, device=device)
+    def from_meta(cls, meta: Meta, device: torch.device) -> InputSpace:
+        """From a data set's `Meta` (`pixel_max`, per-channel `mean`, `std`) and its spec's kind
+        (image `[B, C, H, W]`; sequence `[T, B, F]`; events `[T, B, 2, H, W]`)."""
+        kind = data_spec(meta.dataset).kind
+        batch_dim = 1 if kind in ("sequence", "events") else 0
+        if kind == "events" or (kind == "sequence" and meta.mean == [0.0] and meta.std == [1.0]):
+            return cls(1.0, 0.0, None, batch_dim, counts=True)
+        pixel_max = float(meta.pixel_max)
+        mean = torch.tensor(meta.mean, dtype=torch.float32, device=device)
+        std = torch.tensor(meta.std, dtype=torch.float32, device=device)
         if mean.numel() > 1:  # per channel of an image batch [B, C, H, W]
             mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
         else:
@@ -158,13 +173,35 @@ def clean_metrics(model: nn.Module, batches: Batches, *, device: torch.device,
 def top1(model: nn.Module, batches: Batches, perturb: Perturbation | None = None, *,
          device: torch.device) -> float:
     """Top-1 of `model` (eval mode) on `batches`, each input first passed through `perturb`."""
-    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    return fraction(correct_under(model, batches, {"x": perturb})["x"], device=device)
+
+
+def correct_under(model: nn.Module, batches: Batches, perturbs: Mapping[str, Perturbation | None]) -> dict[str, Tensor]:
+    """Per-sample correctness under each named perturbation (None: the clean input): name ->
+    bool `[N]` over this rank's samples in batch order. Every perturbation sees each batch
+    before the next is read (the loaders' buffers hold one batch)."""
+    out: dict[str, list[Tensor]] = {name: [] for name in perturbs}
     for i, (x, y) in enumerate(batches):
-        x = perturb(i, x, y) if perturb is not None else x
-        with torch.no_grad():
-            pred = mean_over_time(model(x)).argmax(-1)
-        correct += torch.tensor([float((pred == y).sum()), float(len(y))], dtype=torch.float64, device=device)
-    right, n = distributed.all_reduce_sum(correct).tolist()
+        for name, perturb in perturbs.items():
+            x_p = perturb(i, x, y) if perturb is not None else x
+            with torch.no_grad():
+                out[name].append(mean_over_time(model(x_p)).argmax(-1) == y)
+    return {name: torch.cat(rows) if rows else torch.zeros(0, dtype=torch.bool) for name, rows in out.items()}
+
+
+def worst_case(correct: Mapping[str, Tensor]) -> Tensor:
+    """`[N]` bool: a sample counts correct only if it is correct under every one of `correct`'s
+    perturbations (all over the same samples), so its mean is <= each one's top-1."""
+    rows = list(correct.values())
+    if not rows:
+        raise ValueError("worst_case: no perturbation to take the worst of")
+    return torch.stack(rows).all(0)
+
+
+def fraction(correct: Tensor, *, device: torch.device) -> float:
+    """Mean of per-sample `correct [N]` over every rank's samples (nan when there are none)."""
+    counts = torch.tensor([float(correct.sum()), float(correct.numel())], dtype=torch.float64, device=device)
+    right, n = distributed.all_reduce_sum(counts).tolist()
     return right / n if n else float("nan")
 
 
@@ -245,6 +282,77 @@ def pgd(model: nn.Module, space: InputSpace, eps: float, *, steps: int, step_siz
             adv = adv + alpha * grad.sign()
             adv = space.clip(torch.minimum(torch.maximum(adv, clean - radius), clean + radius))
         return best.detach()
+    return perturb
+
+
+# ----------------------------------------------------------- another surrogate, spike flips
+
+#: Each surrogate's usual width, for an attack through a surrogate the model was not trained with:
+#: STBP-tdBN's a = 1, SpikingJelly's sigmoid alpha = 4 and atan alpha = 2, a triangle of half-width 1.
+USUAL_WIDTH = {Surrogate.rectangular: 1.0, Surrogate.sigmoid: 4.0, Surrogate.atan: 2.0, Surrogate.triangle: 1.0}
+
+
+@contextmanager
+def surrogate_swapped(model: nn.Module, kind: Surrogate, width: float) -> Iterator[None]:
+    """Within the block every LIF layer of `model` backpropagates through surrogate `kind` of
+    `width` instead of its own; forward is unchanged (a spike is H(u - V_th) whatever the
+    surrogate), weights too. Restored on exit, also after an error."""
+    layers = [m for m in model.modules() if isinstance(m, LIF)]
+    saved = [m.spec for m in layers]
+    try:
+        for m in layers:
+            m.spec = dataclasses.replace(m.spec, surrogate=kind, surrogate_width=width)
+        yield
+    finally:
+        for m, spec in zip(layers, saved):
+            m.spec = spec
+
+
+def through_surrogate(model: nn.Module, attack: Perturbation, kind: Surrogate, width: float) -> Perturbation:
+    """`attack` (on `model`) with every gradient it takes passed through surrogate `kind` of
+    `width`: a robustness that only one surrogate's gradient fails to break is overestimated."""
+    def perturb(i: int, x: Tensor, y: Tensor) -> Tensor:
+        with surrogate_swapped(model, kind, width):
+            return attack(i, x, y)
+    return perturb
+
+
+def spike_flip(model: nn.Module, budget: int, *, rounds: int, batch_dim: int = 1) -> Perturbation:
+    """Gradient-guided spike flipping (after Liang et al. 2020's restricted spike flipper): at
+    most `budget` entries of each sample change, each by one spike/event, so the input stays a
+    valid one.
+
+    The input is binary spikes (every value 0 or 1: a flip is 0 -> 1 or 1 -> 0, values stay in
+    {0, 1}) or whole event counts >= 0 (a flip adds or removes one event, never below 0).
+    In each of `rounds` rounds the input gradient of the loss (through the surrogate and time)
+    ranks the entries by the first-order loss increase of their best one-spike change; the
+    round's share of the budget goes to the highest positive ones not changed before. x:
+    `[T, B, ...]` (`batch_dim` 1) or `[B, ...]` (0); deterministic (no random draw).
+    """
+    def perturb(i: int, x: Tensor, y: Tensor) -> Tensor:
+        if budget == 0:
+            return x
+        binary = bool(((x == 0) | (x == 1)).all())
+        if not binary and bool((x < 0).any() | (x != x.round()).any()):
+            raise ValueError("spike_flip: the input is neither binary spikes nor whole event counts >= 0")
+        adv = x.detach().clone()
+        changed = torch.zeros_like(adv, dtype=torch.bool)
+        for r in range(rounds):
+            share = budget * (r + 1) // rounds - budget * r // rounds
+            if share == 0:
+                continue
+            grad = _loss_and_gradient(model, adv, y)[1]
+            # +1 spike raises the loss by ~grad, -1 spike by ~-grad; a -1 needs one to remove,
+            # a +1 on binary input needs an empty entry.
+            can_add = adv < 1 if binary else torch.ones_like(changed)
+            gain = torch.where(grad > 0, grad * can_add, -grad * (adv >= 1)).masked_fill(changed, 0)
+            flat = gain.movedim(batch_dim, 0).flatten(1)  # [B, entries]
+            top = flat.topk(min(share, flat.shape[1]), dim=1)
+            chosen = torch.zeros_like(flat).scatter_(1, top.indices, (top.values > 0).to(flat.dtype))
+            chosen = chosen.view(gain.movedim(batch_dim, 0).shape).movedim(0, batch_dim)
+            adv = adv + chosen * torch.where(grad > 0, 1.0, -1.0).to(adv.dtype)
+            changed |= chosen.bool()
+        return adv
     return perturb
 
 

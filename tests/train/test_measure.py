@@ -1,6 +1,10 @@
 """The study's measurements (train/measure.py) on a tiny spiking ResNet trained in process on the
 digits: perturbations of size 0 change nothing, attacks rank as they must, the attack gradient is
-autograd's and FGSM/PGD agree with torchattacks, draws are seeded, streams carry state."""
+autograd's and FGSM/PGD agree with torchattacks, draws are seeded, streams carry state; the
+transfer attack uses the other surrogate, the worst case is no better than any attack, spike
+flips keep the input valid; the loss landscape starts at the trained loss and is seeded."""
+import dataclasses
+
 import numpy as np
 import pytest
 import timm
@@ -9,9 +13,19 @@ from torch.nn import functional as F
 
 import models.zoo  # noqa: F401  (registers the spiking networks)
 from data_pipelines.digits import load_split
-from train import measure
+from data_pipelines.meta import Meta
+from models.neuron_config import Surrogate
+from models.neurons import LIF
+from train import landscape, measure, tsne
+from train.config import ConfigError, EvalConfig
+from train.evaluate import attack_budgets
 
 PIXEL_MAX = 16.0
+
+
+def _meta(dataset: str, **fields) -> Meta:
+    """A data set's Meta with only what the input space reads filled in."""
+    return Meta(dataset=dataset, num_classes=10, classes=[], in_chans=1, counts={}, **fields)
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +34,7 @@ def digits():
     splits = load_split()
     pixels = splits["train"][0].astype(np.float64)
     mean, std = float(pixels.mean()), float(pixels.std())
-    meta = {"dataset": "digits", "pixel_max": PIXEL_MAX, "mean": [mean], "std": [std]}
+    meta = _meta("digits", pixel_max=PIXEL_MAX, mean=[mean], std=[std])
     out = {k: (torch.tensor((x.astype(np.float32) - mean) / std), torch.tensor(y)) for k, (x, y) in splits.items()}
     return out, meta
 
@@ -74,7 +88,7 @@ def test_pgd_is_no_weaker_than_fgsm_which_is_no_weaker_than_clean(trained, digit
 def test_attacks_stay_inside_the_budget_and_the_valid_pixel_range(trained, digits):
     space = measure.InputSpace.from_meta(digits[1], torch.device("cpu"))
     (x, y), = val_batches(digits, count=1)
-    mean, std = digits[1]["mean"][0], digits[1]["std"][0]
+    mean, std = digits[1].mean[0], digits[1].std[0]
     for attack in (measure.fgsm(trained, space, 0.1),
                    measure.pgd(trained, space, 0.1, steps=5, step_size=2.5, random_start=True, seed=1, rank=0)):
         adv = attack(0, x, y)
@@ -106,11 +120,11 @@ class _ZeroOne(torch.nn.Module):
 
 def test_fgsm_and_pgd_agree_with_torchattacks(trained, digits):
     torchattacks = pytest.importorskip("torchattacks")
-    mean, std = digits[1]["mean"][0], digits[1]["std"][0]
+    mean, std = digits[1].mean[0], digits[1].std[0]
     space = measure.InputSpace.from_meta(digits[1], torch.device("cpu"))
     (x, y), = val_batches(digits, count=1)
     x01 = (x * std + mean) / PIXEL_MAX
-    wrapped = _ZeroOne(trained, mean, std)
+    wrapped = _ZeroOne(trained, mean, std).eval()  # torchattacks restores the wrapper's mode onto `trained`
     eps, steps, step_size = 0.05, 5, 2.5
     ours = {"fgsm": measure.fgsm(trained, space, eps)(0, x, y),
             "pgd": measure.pgd(trained, space, eps, steps=steps, step_size=step_size, random_start=False,
@@ -141,13 +155,13 @@ def test_noise_and_pgd_starts_are_functions_of_seed_batch_and_rank(trained, digi
 
 
 def test_per_channel_input_space_maps_pixel_fractions_and_range():
-    meta = {"dataset": "cifar10", "mean": [125.0, 120.0, 110.0], "std": [60.0, 50.0, 40.0]}
+    meta = _meta("cifar10", mean=[125.0, 120.0, 110.0], std=[60.0, 50.0, 40.0])
     space = measure.InputSpace.from_meta(meta, torch.device("cpu"))
     assert torch.allclose(space.unit.flatten(), torch.tensor([255 / 60, 255 / 50, 255 / 40]))
     x = torch.full((2, 3, 4, 4), 100.0)
     clipped = space.clip(x) * torch.tensor([60.0, 50, 40]).view(1, 3, 1, 1) + torch.tensor([125.0, 120, 110]).view(1, 3, 1, 1)
     assert torch.allclose(clipped, torch.full_like(clipped, 255.0))
-    dvs = measure.InputSpace.from_meta({"dataset": "dvs"}, torch.device("cpu"))
+    dvs = measure.InputSpace.from_meta(_meta("dvs", T=4), torch.device("cpu"))
     assert dvs.unit == 1.0 and torch.equal(dvs.clip(torch.tensor([-2.0, 500.0])), torch.tensor([0.0, 500.0]))
 
 
@@ -179,3 +193,157 @@ def test_stream_of_one_sample_is_per_sample_evaluation_and_longer_streams_carry_
         # A stream of 5 over 64 samples ends in a shorter stream of 4: still every sample once.
         assert measure.stream_logits(model, x, 5).shape == per_sample.shape
     assert 0 <= measure.stream_top1(model, [(x, y)], 8, device=torch.device("cpu")) <= 1
+
+
+# ------------------------------------------------- robustness that is not overestimated
+
+
+def test_transfer_attack_takes_its_gradients_through_the_other_surrogate(trained, digits):
+    space = measure.InputSpace.from_meta(digits[1], torch.device("cpu"))
+    (x, y), = val_batches(digits, count=1)
+    own = measure.input_gradient(trained, x, y)
+    # The same weights in a network built with atan(2): what the swapped gradient must be.
+    other = timm.create_model("spiking_resnet_tiny", T=4, num_classes=10, in_chans=1,
+                              neuron=dict(surrogate="atan", surrogate_width=2.0))
+    other.load_state_dict(trained.state_dict())
+    other.eval().requires_grad_(False)
+    with measure.surrogate_swapped(trained, Surrogate.atan, 2.0):
+        swapped = measure.input_gradient(trained, x, y)
+        assert all(m.spec.surrogate is Surrogate.atan for m in trained.modules() if isinstance(m, LIF))
+    assert torch.allclose(swapped, measure.input_gradient(other, x, y), rtol=1e-5, atol=1e-8)
+    assert not torch.allclose(swapped, own, rtol=1e-2)  # a different gradient, not the trained one's
+    assert torch.equal(measure.input_gradient(trained, x, y), own)  # restored on exit
+    transfer = measure.through_surrogate(trained, measure.fgsm(trained, space, 0.05), Surrogate.atan, 2.0)
+    assert torch.equal(transfer(0, x, y), measure.fgsm(other, space, 0.05)(0, x, y))
+    with pytest.raises(RuntimeError), measure.surrogate_swapped(trained, Surrogate.sigmoid, 4.0):
+        raise RuntimeError("an attack failing inside the block")
+    assert all(m.spec.surrogate is Surrogate.rectangular for m in trained.modules() if isinstance(m, LIF))
+
+
+def test_worst_case_top1_is_at_most_every_attacks_top1_on_every_sample_set(trained, digits):
+    space = measure.InputSpace.from_meta(digits[1], torch.device("cpu"))
+    cpu = torch.device("cpu")
+    batches = val_batches(digits, count=2)
+    pgd = measure.pgd(trained, space, 0.05, steps=2, step_size=2.5, random_start=True, seed=0, rank=0)
+    attacks = {"clean": None, "fgsm": measure.fgsm(trained, space, 0.05), "pgd": pgd,
+               "transfer": measure.through_surrogate(trained, pgd, Surrogate.atan, 2.0)}
+    correct = measure.correct_under(trained, batches, attacks)
+    worst = measure.worst_case(correct)
+    assert worst.shape == (2 * 64,) and torch.equal(worst, correct["clean"] & correct["fgsm"] & correct["pgd"]
+                                                    & correct["transfer"])
+    subsets = [torch.arange(128), torch.arange(64), torch.arange(64, 128)]
+    subsets += [torch.randperm(128, generator=torch.Generator().manual_seed(s))[:40] for s in range(20)]
+    for subset in subsets:
+        for name, c in correct.items():
+            assert worst[subset].float().mean() <= c[subset].float().mean(), name
+    # The per-sample correctness is what top1 counts, attack by attack.
+    assert measure.fraction(correct["fgsm"], device=cpu) == measure.top1(trained, batches, attacks["fgsm"], device=cpu)
+    assert measure.fraction(worst, device=cpu) < measure.fraction(correct["clean"], device=cpu)
+
+
+def test_image_attack_preset_is_eps_8_of_255_with_pgd_7_steps_of_2_of_255(digits):
+    space = measure.InputSpace.from_meta(digits[1], torch.device("cpu"))
+    grid = EvalConfig(epsilons=[0.0, 0.1], pgd_steps=3, pgd_step_size=2.5)
+    assert attack_budgets(grid, space) == [(0.0, 3, 2.5), (0.1, 3, 2.5)]
+    eps, steps, step_size = attack_budgets(dataclasses.replace(grid, image_attack=True), space)[-1]
+    assert (eps, steps) == (8 / 255, 7) and step_size * eps / steps == pytest.approx(2 / 255, rel=1e-12)
+    with pytest.raises(ConfigError, match="eval.epsilons"):  # the same eps twice would share a metric
+        attack_budgets(EvalConfig(epsilons=[8 / 255], image_attack=True), space)
+    events = measure.InputSpace.from_meta(_meta("dvs", T=4), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="eval.image_attack"):
+        attack_budgets(EvalConfig(image_attack=True), events)
+
+
+def _spiking_mlp_on(x: torch.Tensor) -> torch.nn.Module:
+    """An untrained spiking MLP for `x [T, B, F]`, its tdBN statistics taken from `x`."""
+    torch.manual_seed(0)
+    model = timm.create_model("spiking_mlp", T=x.shape[0], num_classes=10, in_chans=x.shape[2], hidden=(32,))
+    with torch.no_grad():
+        model.train()(x)
+    return model.eval().requires_grad_(False)
+
+
+def _changed_per_sample(adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (adv != x).movedim(1, 0).flatten(1).sum(1)
+
+
+def test_spike_flip_keeps_spikes_binary_and_changes_at_most_k_per_sample():
+    rows = torch.tensor(load_split()["val"][0][:64, 0].astype(np.float32)).movedim(1, 0)  # [8, 64, 8]
+    x, y = (rows > 4).float(), torch.tensor(load_split()["val"][1][:64])
+    model = _spiking_mlp_on(x)
+    clean_loss = F.cross_entropy(model(x), y)
+    for k in (1, 5, 20):
+        adv = measure.spike_flip(model, k, rounds=3)(0, x, y)
+        assert set(adv.unique().tolist()) <= {0.0, 1.0}, k
+        changed = _changed_per_sample(adv, x)
+        assert changed.max() <= k and changed.sum() > 0, (k, changed)
+    assert F.cross_entropy(model(adv), y) > clean_loss  # gradient-guided: the loss goes up
+    assert torch.equal(measure.spike_flip(model, 0, rounds=3)(0, x, y), x)
+
+
+def test_spike_flip_keeps_event_counts_whole_and_nonnegative():
+    g = torch.Generator().manual_seed(0)
+    x = torch.poisson(torch.full((6, 32, 8), 0.8), generator=g)  # counts 0, 1, 2, ...
+    y = torch.randint(0, 10, (32,), generator=g)
+    model = _spiking_mlp_on(x)
+    adv = measure.spike_flip(model, 10, rounds=2)(0, x, y)
+    assert (adv >= 0).all() and torch.equal(adv, adv.round()) and (adv - x).abs().max() <= 1
+    assert _changed_per_sample(adv, x).max() <= 10 and (adv > 1).any()
+    with pytest.raises(ValueError, match="neither binary spikes nor whole event counts"):
+        measure.spike_flip(model, 10, rounds=2)(0, x - 0.5, y)
+
+
+def test_count_input_is_event_frames_and_unnormalised_spike_sequences():
+    cpu = torch.device("cpu")
+    assert measure.InputSpace.from_meta(_meta("dvs", T=4), cpu).counts
+    assert measure.InputSpace.from_meta(_meta("seqdigits", T=8, mean=[0.0], std=[1.0]), cpu).counts
+    normalised = measure.InputSpace.from_meta(_meta("seqdigits", T=8, mean=[4.9], std=[6.0], pixel_max=16), cpu)
+    assert not normalised.counts and normalised.batch_dim == 1
+
+
+# ------------------------------------------------------------ landscape and features
+
+
+def test_loss_curve_at_zero_is_the_trained_loss_and_the_same_seed_gives_the_same_curve(trained, digits, tmp_path):
+    cpu = torch.device("cpu")
+    batches = val_batches(digits, count=1)
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    alphas = landscape.grid(2, 1.0)
+    assert len(alphas) == 5 and alphas[2] == 0.0 and alphas[0] == -1.0 and alphas[-1] == 1.0
+    direction = landscape.filter_normalised_direction(trained, seed=0, index=0)
+    curve = landscape.loss_curve(trained, batches, direction, alphas, device=cpu)
+    assert curve[2] == pytest.approx(measure.clean_metrics(trained, batches, device=cpu)["val/loss"], rel=1e-9)
+    again = landscape.loss_curve(trained, batches, landscape.filter_normalised_direction(trained, 0, 0), alphas,
+                                 device=cpu)
+    assert np.array_equal(curve, again)
+    other = landscape.loss_curve(trained, batches, landscape.filter_normalised_direction(trained, 1, 0), alphas,
+                                 device=cpu)
+    assert not np.allclose(curve, other)
+    assert landscape.sharpness(curve, alphas) == curve.max() - curve[2] > 0  # a full filter norm away hurts
+    # The surface's beta = 0 column is the curve along d1; its centre the trained loss.
+    d2 = landscape.filter_normalised_direction(trained, 0, 1)
+    surface = landscape.loss_surface(trained, batches, (direction, d2), alphas, device=cpu)
+    assert np.array_equal(surface[:, 2], curve)
+    assert all(torch.equal(v, before[k]) for k, v in trained.state_dict().items())  # weights restored
+    assert landscape.plot_curve(alphas, curve, tmp_path / "c.png", "c").stat().st_size > 1000
+    assert landscape.plot_surface(alphas, surface, tmp_path / "s.png", "s").stat().st_size > 1000
+
+
+def test_directions_are_zero_on_norm_and_bias_parameters_and_filter_normalised(trained):
+    direction = landscape.filter_normalised_direction(trained, seed=0, index=0)
+    params = list(trained.parameters())
+    assert len(direction) == len(params) and any(p.ndim == 1 for p in params)
+    for p, d in zip(params, direction):
+        assert d.shape == p.shape
+        if p.ndim <= 1:
+            assert not d.any()  # tdBN/BN scales and shifts, biases (Li et al.'s ignore='biasbn')
+        else:
+            assert torch.allclose(d.flatten(1).norm(dim=1), p.flatten(1).norm(dim=1), rtol=1e-4)
+
+
+def test_tsne_of_penultimate_features_is_seeded_and_plotted(trained, digits, tmp_path):
+    features, labels = tsne.penultimate_features(trained, val_batches(digits, count=2, size=32), samples=50)
+    assert features.shape == (50, trained.fc.in_features) and labels.shape == (50,)
+    embedded = tsne.embedding(features, seed=0)
+    assert embedded.shape == (50, 2) and np.array_equal(embedded, tsne.embedding(features, seed=0))
+    assert tsne.plot(embedded, labels, tmp_path / "t.png", "t").stat().st_size > 1000
