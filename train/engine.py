@@ -16,9 +16,7 @@ import threading
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
 
-import timm
 import torch
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
@@ -26,14 +24,16 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn import functional as F
 
-import models.zoo  # noqa: F401  (registers the spiking networks with timm)
 from data_pipelines.common import available_cores
 from data_pipelines.loaders import DataError, create_loader
 from models.tdbn import convert_sync_tdbn
 from train import distributed, measure
-from train.checkpoints import CheckpointMismatch, CheckpointWriteError, write_atomically
+from train.build import build_model
+from train.checkpoints import CheckpointError, CheckpointWriteError, write_atomically
 from train.config import Config, ConfigError, flat_items, load_config, to_dict, to_yaml
+from train.evaluate import evaluate_run, is_evaluated
 from train.loop import REQUEUE_EXIT_CODE, Parts, Trainer, log  # noqa: F401  (REQUEUE_EXIT_CODE: `train` exports it)
+from train.run_dir import RunDir
 from train.strategies import build_strategy, cpu_precision_warning
 from train.tracking import Tracker, environment_params
 
@@ -57,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_reporting_errors(cfg: Config, cli_keys: set[str] = frozenset()) -> int:
     """`run`, with an error the user can act on as one line on stderr and its exit code (2 for the
-    config, the data or another model's checkpoint; 1 for a full disk) instead of a traceback."""
+    config, the data, another model's or release's checkpoint; 1 for a full disk) instead of a traceback."""
     try:
         return run(cfg, cli_keys)
-    except (ConfigError, DataError, CheckpointMismatch) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
     except CheckpointWriteError as e:  # disk full: not the config's fault, and nothing is lost
@@ -70,16 +70,15 @@ def run_reporting_errors(cfg: Config, cli_keys: set[str] = frozenset()) -> int:
 
 def run(cfg: Config, cli_keys: set[str] = frozenset()) -> int:
     stop = StopSignal()  # first, so a signal during start-up is not fatal either
-    env = distributed.setup(cfg.train.strategy, cfg.train.device)
+    env = distributed.setup(cfg.train.strategy, cfg.train.device, cfg.train.hang_timeout_s)
     try:
         code = Trainer(cfg, env, build(cfg, env), cli_keys).fit(stop)
         if code == 0 and cfg.eval.after_train:
-            from train.evaluate import evaluate_run, is_evaluated
-            run_dir = Path(cfg.run.root) / cfg.run.name
-            if is_evaluated(cfg, run_dir):
-                log(env, f"eval.after_train: {run_dir / 'eval.json'} is up to date")
+            run_dir = RunDir.of(cfg)
+            if is_evaluated(cfg, run_dir.path):
+                log(env, f"eval.after_train: {run_dir.eval_results} is up to date")
             else:
-                evaluate_run(cfg, env, run_dir)
+                evaluate_run(cfg, env, run_dir.path)
         return code
     finally:
         stop.ignore()  # training is over: a late USR2/TERM must not kill the shutdown
@@ -102,22 +101,6 @@ class StopSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGUSR2):
                 signal.signal(sig, signal.SIG_IGN)
-
-
-def model_kwargs(cfg: Config, meta: dict[str, Any]) -> dict[str, Any]:
-    """The factory arguments of `cfg.model.name` (`timm.create_model(name, **these)`)."""
-    return dict(T=cfg.model.T, neuron=cfg.model.neuron, num_classes=cfg.model.num_classes or meta["num_classes"],
-                in_chans=cfg.model.in_chans or meta["in_chans"], **cfg.model.args)
-
-
-def build_model(cfg: Config, meta: dict[str, Any]) -> nn.Module:
-    try:  # load_config checked the name; the factories check their own arguments
-        model = timm.create_model(cfg.model.name, **model_kwargs(cfg, meta))
-    except (TypeError, ValueError) as e:  # the factories name the argument in one line
-        raise ConfigError(f"config key 'model.args': {str(e).splitlines()[0]}") from None
-    model.set_checkpointing(cfg.train.checkpointing, cfg.train.time_chunk)
-    model.set_output(cfg.model.output)
-    return model
 
 
 def build_mixup(cfg: Config, num_classes: int) -> Mixup | None:
@@ -229,20 +212,20 @@ def check_data_fits(cfg: Config, env: distributed.DistEnv, loader) -> None:
 def open_tracker(cfg: Config, env: distributed.DistEnv, run_id: str | None, forked_from: str | None) -> Tracker:
     """Rank 0's MLflow run: continued when `run_id` is given, else started with the resolved
     config (also written to the run directory), the environment and the data set as inputs."""
-    run_dir = Path(cfg.run.root) / cfg.run.name
+    run_dir = RunDir.of(cfg)
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomically(run_dir / "config.yaml", to_yaml(cfg))
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        write_atomically(run_dir.config, to_yaml(cfg))
     n = cfg.model.neuron
     tags = {"model": cfg.model.name, "dataset": cfg.data.dataset, "T": str(cfg.model.T),
-            "neuron": f"{'lif' if n.leak else 'if'}-reset_{_value(n.reset)}-rec_{_value(n.recurrence)}",
+            "neuron": f"leak_{_value(n.leak)}-reset_{_value(n.reset)}-rec_{_value(n.recurrence)}",
             "strategy": cfg.train.strategy, "precision": cfg.train.precision, **cfg.tracking.tags,
             **({"forked_from": forked_from} if forked_from else {})}
-    tracker = Tracker.start(cfg.tracking, runs_root=Path(cfg.run.root), run_dir=run_dir, run_name=cfg.run.name,
+    tracker = Tracker.start(cfg.tracking, runs_root=Path(cfg.run.root), run_dir=run_dir.path, run_name=cfg.run.name,
                             run_id=run_id, enabled=env.is_main, tags=tags)
     if run_id is None:
         tracker.log_params({**flat_items(to_dict(cfg)), **environment_params(env.world_size, str(env.device))})
-        tracker.log_artifact(run_dir / "config.yaml")
+        tracker.log_artifact(run_dir.config)
         data = Path(cfg.data.path).resolve()
         digest = hashlib.sha256((data / "meta.json").read_bytes()).hexdigest()[:16]
         tracker.log_dataset(f"{cfg.data.dataset}:{data.name}", digest, str(data))

@@ -1,4 +1,4 @@
-"""`python -m train.export RUN_DIR --format torch|nir [--out PATH] [key=value ...]`
+"""`python -m train.export RUN_DIR --format torch|nir [--out PATH] [--dt SECONDS] [key=value ...]`
 
 A finished run's network for inference, tdBN folded into the weights (`models.deploy`).
 
@@ -10,7 +10,14 @@ A finished run's network for inference, tdBN folded into the weights (`models.de
   input form, so the module is rebuilt from code instead.
 - `--format nir` writes `RUN_DIR/export/model.nir`, the folded network as a NIR graph for
   neuromorphic tool chains (`nir.read(path)`; neuron mapping and what is refused in
-  models/deploy.py), for one step of the data set's input shape (from its meta.json).
+  models/deploy.py), for one step of the data set's input shape (from its meta.json). `--dt`
+  is the consumer's time step in seconds (default 1e-4, `models.deploy.DEFAULT_NIR_DT`: the one
+  snnTorch 1.0's importer assumes; give Norse's `from_nir` the same `dt=`): every neuron's tau
+  and r are written so that one Euler step of dt is one step of the trained model, and the
+  graph's metadata `dt` says which step that is.
+
+A brought network (`model.name=package.module:factory`, `models.foreign`) has no folded form and
+no NIR mapping: refused in one line.
 
 The weights are `best_model.pt`, or with `eval.checkpoint=last` the newest step checkpoint, as
 for `python -m train.evaluate`; overrides change the saved config, e.g. `data.path` when the data
@@ -29,11 +36,17 @@ from typing import Any
 
 import torch
 
-from data_pipelines.common import DataError, read_meta
-from models.deploy import NIRExportError, fold_model, folded_checkpoint, load_folded, to_nir
+from data_pipelines.common import DataError
+from data_pipelines.meta import Meta
+from data_pipelines.registry import read_meta
+from data_pipelines.registry import spec as data_spec
+from models.deploy import DEFAULT_NIR_DT, NIRExportError, fold_model, folded_checkpoint, load_folded, to_nir
+from models.names import is_factory_path
+from train.checkpoints import CheckpointError
 from train.config import Config, ConfigError, load_config
-from train.engine import build_model, model_kwargs
+from train.build import build_model, model_kwargs
 from train.evaluate import load_weights
+from train.run_dir import RunDir
 
 USER_ERROR_EXIT_CODE = 2
 DEFAULT_FILES = {"torch": "model_folded.pt", "nir": "model.nir"}
@@ -48,11 +61,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch: folded state dict + rebuild recipe; nir: NIR graph")
     parser.add_argument("--out", type=Path, default=None,
                         help="output file (default RUN_DIR/export/model_folded.pt or model.nir)")
+    parser.add_argument("--dt", type=float, default=None,
+                        help=f"nir: the consumer's time step in seconds (default {DEFAULT_NIR_DT:g}, snnTorch's)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.path=data/digits")
     args = parser.parse_intermixed_args(argv)
     try:
-        path, source = export_run(args.run_dir, args.format, args.out, args.overrides)
-    except (ConfigError, DataError, NIRExportError) as e:
+        path, source = export_run(args.run_dir, args.format, args.out, args.overrides, dt=args.dt)
+    except (ConfigError, DataError, NIRExportError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
     print(f"exported {args.run_dir} ({source}, tdBN folded) as {args.format}: wrote {path}", flush=True)
@@ -60,18 +75,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export_run(run_dir: Path, fmt: str, out: Path | None = None,
-               overrides: list[str] = ()) -> tuple[Path, str]:
-    """Fold the run's trained model and write it as `fmt` ("torch" or "nir").
+               overrides: list[str] = (), *, dt: float | None = None) -> tuple[Path, str]:
+    """Fold the run's trained model and write it as `fmt` ("torch" or "nir"); `dt`: the NIR
+    consumer's time step in seconds (None: `DEFAULT_NIR_DT`).
 
     Returns (the file written, the weights file it came from). Raises `ConfigError`/`DataError`
-    for a missing run, weights or data, `NIRExportError` for what NIR cannot express.
+    for a missing run, weights or data, a brought model or `--dt` with torch, `NIRExportError`
+    for what NIR cannot express.
     """
     run_dir = Path(run_dir)
-    config = run_dir / "config.yaml"
-    if not config.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory ({config} is missing); "
-                          "give the directory `python -m train` wrote, e.g. runs/demo-digits")
-    cfg = load_config(config, overrides)
+    if dt is not None and fmt != "nir":
+        raise ConfigError(f"--dt is the NIR consumer's time step; it does not apply to --format {fmt}")
+    cfg = load_config(RunDir(run_dir).require().config, overrides)
+    if is_factory_path(cfg.model.name):
+        raise ConfigError(f"model.name={cfg.model.name} is a brought network: export folds tdBN and maps "
+                          "our networks' layers, which it does not have; save its state dict from "
+                          f"{run_dir}/best_model.pt instead")
     meta = read_meta(cfg.data.path, cfg.data.dataset)
     weights, source, _ = load_weights(cfg, run_dir)
     model = build_model(cfg, meta)
@@ -81,7 +100,7 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None,
         raise ConfigError(f"{run_dir / source} does not fit model.name={cfg.model.name} as config.yaml "
                           f"builds it ({str(e).splitlines()[0]})") from None
     folded = fold_model(model)
-    out = Path(out) if out is not None else run_dir / "export" / DEFAULT_FILES[fmt]
+    out = Path(out) if out is not None else RunDir(run_dir).export_dir / DEFAULT_FILES[fmt]
     if fmt == "torch":
         blob = folded_checkpoint(folded, cfg.model.name, model_kwargs(cfg, meta))
         _check_rebuilds(blob, folded)
@@ -89,7 +108,7 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None,
     else:
         import nir
 
-        graph = to_nir(folded, input_shape(cfg, meta))
+        graph = to_nir(folded, input_shape(cfg, meta), DEFAULT_NIR_DT if dt is None else dt)
         _write_atomically(out, lambda tmp: nir.write(tmp, graph))
     return out, source
 
@@ -98,19 +117,19 @@ def _check_rebuilds(blob: dict[str, Any], folded: torch.nn.Module) -> None:
     """The file must give back this model: fail at export, not on the machine that loads it."""
     rebuilt = load_folded(blob)
     if repr(rebuilt) != repr(folded) or getattr(rebuilt, "T", None) != getattr(folded, "T", None):
-        raise RuntimeError("the folded checkpoint's recipe (train.engine.model_kwargs) no longer "
-                           "rebuilds the model train.engine.build_model builds; update the recipe")
+        raise RuntimeError("the folded checkpoint's recipe (train.build.model_kwargs) no longer "
+                           "rebuilds the model train.build.build_model builds; update the recipe")
 
 
-def input_shape(cfg: Config, meta: dict[str, Any]) -> tuple[int, ...]:
+def input_shape(cfg: Config, meta: Meta) -> tuple[int, ...]:
     """One step of one sample of the data set: `(C, H, W)` for images and frames, `(F,)` for
     feature sequences; ImageNet (variable size) at the validation resolution."""
-    height, width = meta.get("height"), meta.get("width")
-    if meta.get("dataset") == "imagenet" and not height:
-        height = width = cfg.data.val_resolution or 224
+    height, width = meta.height, meta.width
+    if data_spec(meta.dataset).resolution is not None and not height:  # variable size: resized
+        height = width = data_spec(meta.dataset).resolution(cfg.data, False, 0)
     if height and width:
-        return int(meta["in_chans"]), int(height), int(width)
-    return (int(meta["in_chans"]),)
+        return meta.in_chans, int(height), int(width)
+    return (meta.in_chans,)
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:

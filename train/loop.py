@@ -13,20 +13,23 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from models.firing import capture_spike_totals, mean_firing_rate
 from train import distributed, measure
 from train.checkpoints import Checkpointer, CheckpointWriteError, rng_state, set_rng_state, write_atomically
 from train.config import Config, ConfigError, changed_keys, config_hash, to_dict
+from train.run_dir import RunDir
 from train.strategies import Strategy
+from train.tracking.protocol import RunTracker
 
 REQUEUE_EXIT_CODE = 3   # "stopped on purpose after saving: requeue me"
 
@@ -47,6 +50,11 @@ class TrainState:
     mlflow_run_id: str | None = None
     saved_config: dict[str, Any] | None = None  # the config of the checkpoint loaded, if any
 
+    # What a checkpoint must hold to be resumed (the RNG and loader state among them); one
+    # without them is incomplete, and the checkpointer falls back to the previous one.
+    REQUIRED = frozenset({"epoch", "batch", "global_step", "rng", "loader_seed", "mlflow_run_id", "config",
+                          "config_hash", "best_top1", "nonfinite_total", "firing_history", "epoch_totals"})
+
     def state_dict(self) -> dict[str, Any]:
         """Plain values (they load with weights_only=True); gathers every rank's RNG state."""
         return {"epoch": self.epoch, "batch": self.batch, "global_step": self.global_step,
@@ -63,9 +71,24 @@ class TrainState:
         self.mlflow_run_id, self.saved_config = state["mlflow_run_id"], state["config"]
         rngs = state["rng"]
         set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
-        totals = state.get("epoch_totals") or [[0.0, 0.0, 0.0]]  # older checkpoints lack them
+        totals = state["epoch_totals"]
         self.totals = torch.tensor(totals[self.rank] if self.rank < len(totals) else [0.0] * 3,
                                    dtype=torch.float64, device=self.totals.device)
+
+
+class BatchLoader(Protocol):
+    """What the loop reads batches from (`data_pipelines.loaders.EpochLoader`)."""
+
+    batches_per_epoch: int  # this rank's micro-batches per epoch
+
+    def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches `start_batch`.. of `epoch`: (inputs, labels `[B]`), a function of (seed, epoch, rank)."""
+
+
+class StopFlag(Protocol):
+    """`train.engine.StopSignal`: the name of the stop signal received, or None."""
+
+    received: str | None
 
 
 @dataclass
@@ -73,13 +96,13 @@ class Parts:
     """What the loop trains with; `train.engine.build` makes them from the config."""
     model: nn.Module
     strategy: Strategy
-    train_loader: Any                       # .iterate(epoch, start_batch), .batches_per_epoch, .meta
-    val_loader: Any
+    train_loader: BatchLoader
+    val_loader: BatchLoader
     train_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    open_tracker: Callable[[str | None, str | None], Any]  # (run id to continue, forked from) -> Tracker
+    open_tracker: Callable[[str | None, str | None], RunTracker]  # (run id to continue, forked from)
     fresh_model: Callable[[], nn.Module]    # an unwrapped model for the MLflow model artifact
     mixup: Callable | None = None
-    ema: Any = None                         # timm ModelEmaV3
+    ema: ModelEmaV3 | None = None
 
 
 class Stopped(Exception):
@@ -93,47 +116,47 @@ class Stopped(Exception):
 class Trainer:
     def __init__(self, cfg: Config, env: distributed.DistEnv, parts: Parts, cli_keys: set[str] = frozenset()):
         self.cfg, self.env, self.p, self.cli_keys = cfg, env, parts, cli_keys
-        self.run_dir = Path(cfg.run.root) / cfg.run.name
+        self.run = RunDir.of(cfg)
         self.steps_per_epoch = parts.train_loader.batches_per_epoch // cfg.optim.accumulate
         self.state = TrainState(cfg, rank=env.rank, totals=torch.zeros(3, dtype=torch.float64, device=env.device))
         states, sharded = parts.strategy.state()
         states |= {"ema": parts.ema.module} if parts.ema is not None else {}
-        self.ckpt = Checkpointer(self.run_dir, cfg.train.keep_checkpoints, states, train_state=self.state,
-                                 sharded=sharded, optional=frozenset({"ema"}), is_main=env.is_main)
+        self.ckpt = self.run.checkpointer(keep=cfg.train.keep_checkpoints, parts=states, train_state=self.state,
+                                          sharded=sharded, optional=frozenset({"ema"}),
+                                          required=TrainState.REQUIRED, is_main=env.is_main)
         self.val_criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-        self.tracker: Any = None  # opened by fit, once the run to continue is known
+        self.tracker: RunTracker | None = None  # opened by fit, once the run to continue is known
         self.nonfinite_run = 0    # optimizer steps in a row skipped for a non-finite loss
 
-    def fit(self, stop: Any) -> int:
+    def fit(self, stop: StopFlag) -> int:
         """Resume, train to `optim.epochs`, evaluate; returns the exit code."""
         run_id, forked_from = resume(self.ckpt, self.state, self.cli_keys, self.env)
         s = self.state
-        final = self.run_dir / "final_metrics.json"
-        if s.epoch >= self.cfg.optim.epochs and final.exists():
-            top1 = json.loads(final.read_text()).get("val/top1", math.nan)
-            log(self.env, f"run already complete ({s.epoch} epochs; raise optim.epochs to train on)\n"
-                          + summary(self.cfg, s, top1, run_id))
+        if s.epoch >= self.cfg.optim.epochs and self.run.final_metrics.exists():
+            log(self.env, already_complete(self.cfg, self.run, s, run_id))
             return 0
         self.tracker = self.p.open_tracker(run_id, forked_from)
-        try:
-            while s.epoch < self.cfg.optim.epochs:
-                self.train_epoch(stop)
-                self.end_epoch()  # advances s.epoch, saves
-                stopping = any_rank(stop.received is not None, self.env.device)
-                if stopping and s.epoch < self.cfg.optim.epochs:
-                    raise requeue(stop, s.global_step)  # the signal came during the evaluation
-            self.finish()
-        except Stopped as e:
-            log(self.env, str(e))
-            self.tracker.close(status=e.status)
-            return e.code
-        except BaseException:
-            self.tracker.close(status="FAILED")
-            raise
+        self.watchdog = distributed.HangWatchdog(self.env, self.cfg.train.hang_timeout_s, REQUEUE_EXIT_CODE)
+        with self.watchdog:  # stopped on the way out; an error that a hang caused waits for its line
+            try:
+                while s.epoch < self.cfg.optim.epochs:
+                    self.train_epoch(stop)
+                    self.end_epoch()  # advances s.epoch, saves
+                    stopping = any_rank(stop.received is not None, self.env.device)
+                    if stopping and s.epoch < self.cfg.optim.epochs:
+                        raise requeue(stop, s.global_step)  # the signal came during the evaluation
+                self.finish()
+            except Stopped as e:
+                log(self.env, str(e))
+                self.tracker.close(status=e.status)
+                return e.code
+            except BaseException:
+                self.tracker.close(status="FAILED")
+                raise
         self.tracker.close()
         return 0
 
-    def train_epoch(self, stop: Any) -> None:
+    def train_epoch(self, stop: StopFlag) -> None:
         cfg, s, st = self.cfg, self.p.strategy, self.state
         accumulate, reg = cfg.optim.accumulate, cfg.optim.firing_reg
         self.p.model.train()
@@ -154,6 +177,7 @@ class Trainer:
                     if reg > 0:  # a sparsity penalty, through the surrogate gradient
                         penalty = reg * (mean_firing_rate(spikes) - cfg.optim.firing_target) ** 2
                         loss = loss + penalty
+                self.watchdog.beat(st.epoch, st.batch, st.global_step)
                 ok, stop_seen = agree(loss, stop, self.env.world_size)  # a micro-batch's one host sync
                 finite, stopping = finite and ok, stopping or stop_seen
                 if ok:
@@ -174,6 +198,7 @@ class Trainer:
                 stats = s.step()
                 self.nonfinite_run = 0
                 st.global_step += 1
+                self.watchdog.beat(st.epoch, st.batch, st.global_step)
                 if self.p.ema is not None:
                     self.p.ema.update(s.module, step=st.global_step)
                 if st.global_step % max(1, cfg.tracking.log_every_steps) == 0:
@@ -201,22 +226,12 @@ class Trainer:
         so they must be in the store (or, while it is failing, in the fallback file)."""
         self.tracker.flush()
         self.state.mlflow_run_id = self.tracker.run_id  # known once the store answered
-        self.on_every_rank(lambda: self.ckpt.save(self.state.global_step))
-
-    def on_every_rank(self, write: Callable[[], Any]) -> None:
-        """Rank 0 writes, every rank waits for it; a failed write (a full disk) stops every rank,
-        where a bare barrier would leave the others waiting for a rank that has left."""
-        failed = None
-        try:
-            write()
-        except CheckpointWriteError as e:
-            failed = e
-        if any_rank(failed is not None, self.env.device):
-            raise failed or CheckpointWriteError(f"rank 0 could not write to {self.ckpt.dir} (its log says why)")
+        on_every_rank(lambda: self.ckpt.save(self.state.global_step), self.env, self.ckpt.dir)
 
     def end_epoch(self) -> None:
         st = self.state
         metrics = validate(self.p, self.state.epoch, self.env.device, self.val_criterion)
+        self.watchdog.beat(st.epoch, st.batch, st.global_step)  # a validation counts apart from the step
         loss_sum, correct, n = distributed.all_reduce_sum(st.totals.clone()).tolist()
         if n:
             metrics.update({"train/loss": loss_sum / n, "train/top1": correct / n})
@@ -228,7 +243,7 @@ class Trainer:
         self.tracker.log_metrics({**metrics, "epoch": st.epoch}, step=st.epoch)
         self.tracker.log_firing_chart(st.firing_history)
         if is_best:  # every rank: ZeRO-3 gathers the weights; rank 0 writes them
-            self.on_every_rank(lambda: self.ckpt.save_best(self.p.strategy.model_state_dict()))
+            on_every_rank(lambda: self.ckpt.save_best(self.p.strategy.model_state_dict()), self.env, self.run.path)
         self.save()
         log(self.env, epoch_line(st.epoch, self.cfg.optim.epochs, metrics))
 
@@ -238,18 +253,40 @@ class Trainer:
         final = validate(self.p, st.epoch, self.env.device, self.val_criterion) if st.epoch else {}
         final["best_val_top1"] = st.best_top1
         if self.env.is_main:
-            path = self.run_dir / "final_metrics.json"
+            path = self.run.final_metrics
             write_atomically(path, json.dumps(final, indent=2, sort_keys=True))
             self.tracker.log_artifact(path)
             self.tracker.log_latency_chart(final)
-            best = self.run_dir / "best_model.pt"
-            if best.exists():
-                # A fresh module: the trained one may carry DDP/DeepSpeed hooks that do not pickle.
-                clean = self.p.fresh_model()
-                clean.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
-                self.tracker.log_model(clean, name="best_model")
+            if self.run.best_model.exists():
+                self.tracker.log_model(best_model(self.run, self.p.fresh_model), name="best_model")
         self.tracker.flush()
         log(self.env, summary(self.cfg, st, final.get("val/top1", math.nan), self.tracker.run_id))
+
+
+def already_complete(cfg: Config, run: RunDir, state: TrainState, run_id: str | None) -> str:
+    top1 = json.loads(run.final_metrics.read_text()).get("val/top1", math.nan)  # none after 0 epochs
+    return (f"run already complete ({state.epoch} epochs; raise optim.epochs to train on)\n"
+            + summary(cfg, state, top1, run_id))
+
+
+def on_every_rank(write: Callable[[], Any], env: distributed.DistEnv, where: Path) -> None:
+    """Rank 0 writes, every rank waits for it; a failed write (a full disk) stops every rank,
+    where a bare barrier would leave the others waiting for a rank that has left."""
+    failed = None
+    try:
+        write()
+    except CheckpointWriteError as e:
+        failed = e
+    if any_rank(failed is not None, env.device):
+        raise failed or CheckpointWriteError(f"rank 0 could not write to {where} (its log says why)")
+
+
+def best_model(run: RunDir, fresh_model: Callable[[], nn.Module]) -> nn.Module:
+    """The run's best weights in a fresh module: the trained one may carry DDP/DeepSpeed hooks
+    that do not pickle."""
+    clean = fresh_model()
+    clean.load_state_dict(torch.load(run.best_model, map_location="cpu", weights_only=True))
+    return clean
 
 
 def resume(ckpt: Checkpointer, state: TrainState, cli_keys: set[str], env: distributed.DistEnv) -> tuple[str | None, str | None]:
@@ -259,7 +296,7 @@ def resume(ckpt: Checkpointer, state: TrainState, cli_keys: set[str], env: distr
         return None, None
     differ = [k for k in changed_keys(state.saved_config, to_dict(cfg)) if k not in cli_keys]
     if differ:
-        raise ConfigError(f"{ckpt.run_dir} was started with a different config ({', '.join(differ)}); name "
+        raise ConfigError(f"{RunDir.of(cfg).path} was started with a different config ({', '.join(differ)}); name "
                           "these keys on the command line to accept the change, or choose a new run.name")
     log(env, f"resumed from {ckpt.loaded.name}: epoch {state.epoch}, batch {state.batch}, step {state.global_step}")
     saved_name = state.saved_config["run"]["name"]
@@ -272,12 +309,12 @@ def resume(ckpt: Checkpointer, state: TrainState, cli_keys: set[str], env: distr
     return None, state.mlflow_run_id
 
 
-def requeue(stop: Any, step: int) -> Stopped:
+def requeue(stop: StopFlag, step: int) -> Stopped:
     return Stopped(REQUEUE_EXIT_CODE, "KILLED", f"{stop.received or 'stop'}: checkpoint saved at step {step}; "
                                                 f"exiting with {REQUEUE_EXIT_CODE} for requeue")
 
 
-def agree(loss: torch.Tensor, stop: Any, world_size: int) -> tuple[bool, bool]:
+def agree(loss: torch.Tensor, stop: StopFlag, world_size: int) -> tuple[bool, bool]:
     """(loss finite on every rank, a stop signal reached any rank), in one all-reduce, so no rank
     runs a backward or a save that another skips."""
     flags = torch.stack([torch.isfinite(loss.detach()).double(),
@@ -326,7 +363,7 @@ def summary(cfg: Config, state: TrainState, top1: float, run_id: str | None) -> 
     from train.tracking import resolve_uri
     uri = resolve_uri(cfg.tracking, Path(cfg.run.root))
     return (f"final validation top-1: {top1:.4f} (best {state.best_top1:.4f}) after {state.epoch} epochs\n"
-            f"run directory: {Path(cfg.run.root) / cfg.run.name}\n"
+            f"run directory: {RunDir.of(cfg).path}\n"
             f"MLflow run: {run_id} in experiment '{cfg.tracking.experiment}' at {uri} (browse with `make mlflow-ui`)")
 
 

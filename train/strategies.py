@@ -180,7 +180,8 @@ class DeepSpeedStrategy:
         return {}, self  # model, optimizer and scheduler live in the engine's shards
 
     def save_shards(self, folder: Path, tag: str) -> None:
-        self.engine.save_checkpoint(str(folder), tag=tag)
+        # No `latest` file: DeepSpeed writes it without a rename, and our manifest names the tag.
+        self.engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
 
     def load_shards(self, folder: Path, tag: str) -> None:
         self.engine.load_checkpoint(str(folder), tag=tag)

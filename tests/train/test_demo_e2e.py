@@ -75,8 +75,8 @@ def test_a_corrupt_newest_checkpoint_is_named_once_and_the_resume_line_names_the
     newest.write_bytes(newest.read_bytes()[:1000])
     again = train(f"data.path={digits_dir}", f"run.root={copy}", "data.num_workers=1", "optim.epochs=3", cwd=REPO)
     assert again.returncode == 0, again.stderr[-3000:]
-    warnings = [line for line in again.stderr.splitlines() if "unreadable" in line]
-    assert len(warnings) == 1 and warnings[0].startswith(f"warning: checkpoint {newest} is unreadable")
+    warnings = [line for line in again.stderr.splitlines() if "not usable" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: checkpoint {newest} is not usable")
     assert f"resumed from {previous.name}:" in again.stdout and newest.name not in again.stdout
 
 

@@ -8,6 +8,9 @@ weights, optimizer state and logged metric history of one that never stopped.
 (c) the disk fills while a checkpoint is written (a small tmpfs);
 (d) the MLflow server killed mid-run and restarted;
 (e) SIGUSR2 during the evaluation at an epoch end, and during a checkpoint write;
+(f) one of two ranks (started by hand, as srun starts them) frozen by SIGSTOP, or stuck alive in
+    native code holding the GIL: every rank ends within `train.hang_timeout_s`, one line names the
+    rank that stopped and the last step all finished, exit code 3, and the rerun resumes;
 and, in (a) and (e), that a mid-epoch resume neither repeats nor skips a sample.
 One SIGKILL + resume, a truncated checkpoint on its own and a server outage under the Tracker
 alone are tested in test_resume.py, test_checkpoints.py and test_mlflow_server.py.
@@ -31,7 +34,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.train.mlflow_fixtures import MlflowServer
 from tests.train.test_reproducible import assert_identical, final_state
-from tests.train.trainrun import DEMO, Started, train, train_env
+from tests.train.trainrun import DEMO, Started, free_port, train, train_env
 from train import REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow
@@ -53,7 +56,8 @@ def checkpoints(root: Path) -> Path:
 
 
 def checkpoint_steps(root: Path) -> list[int]:
-    return sorted(int(p.name[5:14]) for p in checkpoints(root).glob("step-*.pt"))
+    """The committed checkpoints' steps: a step exists once its manifest is written."""
+    return sorted(int(p.name[5:14]) for p in checkpoints(root).glob("step-*.json"))
 
 
 def histories(uri: str) -> dict[str, list[tuple[int, float | None]]]:
@@ -105,12 +109,13 @@ class TrainProcess:
 
     started: list["TrainProcess"] = []  # for `no_stray_trainers`
 
-    def __init__(self, args: list[str], workdir: Path, samples: Path | None = None):
+    def __init__(self, args: list[str], workdir: Path, samples: Path | None = None,
+                 env: dict[str, str] | None = None, module: str | None = None):
         workdir.mkdir(parents=True, exist_ok=True)
-        env = train_env()
+        env = {**train_env(), **(env or {})}
         if samples is not None:
             env["SAMPLES_LOG"] = str(samples)
-        module = "train" if samples is None else "tests.train.recording_trainer"
+        module = module or ("train" if samples is None else "tests.train.recording_trainer")
         self.proc = Started(module, ["--config", DEMO, *args], env)
         self.lines: list[tuple[float, str]] = []  # (time.monotonic() it was read, line)
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -278,7 +283,8 @@ def test_a_zeroed_newest_checkpoint_is_skipped_with_one_warning_and_the_resume_l
     done = train(*run_args(root, digits_dir))
     assert done.returncode == 0, done.stderr[-3000:]
     about = [line for line in done.stderr.splitlines() if zeroed.name in line]
-    assert len(about) == 1 and about[0].startswith(f"warning: checkpoint {zeroed} is unreadable"), done.stderr
+    assert len(about) == 1 and about[0].startswith(f"warning: checkpoint {zeroed} is not usable ("), done.stderr
+    assert "does not match its manifest's sha256" in about[0], done.stderr
     assert "Traceback" not in done.stderr and "UserWarning" not in done.stderr, done.stderr
     name, _, _, step = resumed_from(done.stdout)
     assert name == previous.name and step == int(previous.name[5:14])
@@ -444,3 +450,61 @@ def test_sigusr2_during_a_checkpoint_write_saves_exits_for_requeue_and_resumes_e
     else:
         pytest.fail("never caught the trainer inside a checkpoint write in 40 tries")
     stop_and_resume(run, root, args, tmp_path, reference, written=name)
+
+
+HANG_S = 4  # train.hang_timeout_s of the hang tests
+
+
+def start_ranks(args: list[str], workdir: Path, world: int = 2, module: str | None = None,
+                env: dict[str, str] | None = None) -> list[TrainProcess]:
+    """`world` ranks of one DDP job, each started by hand with its RANK/WORLD_SIZE as srun does."""
+    job = {"WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), **(env or {})}
+    return [TrainProcess(args, workdir / f"rank{r}", env={**job, "RANK": str(r), "LOCAL_RANK": str(r)},
+                         module=module) for r in range(world)]
+
+
+def hang_args(root: Path, digits: Path, tmp_path: Path) -> list[str]:
+    return run_args(root, digits, "train.strategy=ddp", f"train.hang_timeout_s={HANG_S}", "optim.epochs=1",
+                    "data.val_batch_size=64", f"tracking.uri={store(tmp_path)}")
+
+
+def the_hang_line(run: TrainProcess) -> tuple[str, int]:
+    """(the ranks named, the last step all finished) of the one line the watchdog printed."""
+    lines = [line for line in run.stderr.splitlines() if "stopped making progress" in line]
+    assert len(lines) == 1, run.stderr[-3000:]
+    m = re.fullmatch(r"error: rank (\S+) stopped making progress: no training step for 4 s \(train.hang_timeout_s\); "
+                     r"the last step every rank finished is (\d+); exiting with 3 for requeue", lines[0])
+    assert m, lines[0]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    return m.group(1), int(m.group(2))
+
+
+def test_a_rank_frozen_by_sigstop_ends_the_job_within_the_hang_timeout_naming_it_and_the_rerun_resumes(
+        digits_dir, tmp_path):
+    root, args = tmp_path / "runs", hang_args(tmp_path / "runs", digits_dir, tmp_path)
+    rank0, rank1 = start_ranks(args, tmp_path)
+    frozen_after = rank0.wait_for_checkpoint(root, 3)
+    rank1.pause()
+    frozen = time.monotonic()
+    assert rank0.finish(timeout=60) == REQUEUE_EXIT_CODE, rank0.stderr[-3000:]
+    assert time.monotonic() - frozen < HANG_S + 6  # the timeout, then 2 s to see which rank is still
+    named, finished = the_hang_line(rank0)
+    assert named == "1" and finished >= frozen_after
+    rank1.kill()  # what srun --kill-on-bad-exit and torchrun do to the rank left behind
+    newest = checkpoint_steps(root)[-1]
+    again = start_ranks(args, tmp_path / "again")
+    again[0].wait_for_line(r"^resumed from ", timeout=120)
+    assert resumed_from(again[0].stdout)[3] == newest  # and on it trains (exactness: the kill tests above)
+
+
+def test_a_rank_stuck_alive_holding_the_gil_ends_by_itself_and_the_other_names_it(digits_dir, tmp_path):
+    root, args = tmp_path / "runs", hang_args(tmp_path / "runs", digits_dir, tmp_path)
+    rank0, rank1 = start_ranks(args, tmp_path, module="tests.train.hanging_trainer",
+                               env={"HANG_RANK": "1", "HANG_AT_STEP": "3"})
+    rank0.wait_for_checkpoint(root, 3)
+    stuck = time.monotonic()  # rank 1 stops entering collectives from here on
+    assert rank0.finish(timeout=60) == REQUEUE_EXIT_CODE, rank0.stderr[-3000:]
+    assert rank1.finish(timeout=60) not in (0, None)
+    assert time.monotonic() - stuck < HANG_S + 10 + 5  # both ended: rank 1 by faulthandler's thread
+    assert the_hang_line(rank0) == ("1", 3)
+    assert "Timeout (0:00:14)!" in rank1.stderr  # its stacks, dumped as it ended

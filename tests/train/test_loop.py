@@ -1,22 +1,36 @@
-"""The step loop in process, with a fake strategy, loader and tracker: micro-batches per step,
-a skipped non-finite step, the stop signal's save-and-requeue, and an exact resume from it."""
+"""The step loop in process, with a fake strategy and loader and a tracker built from the real
+one's interface: micro-batches per step, a skipped non-finite step, the stop signal's
+save-and-requeue, an exact resume from it, and a checkpoint of every readable format version
+(tests/train/fixtures) resuming, another version refused."""
 from __future__ import annotations
 
 import contextlib
+import inspect
+import json
 import math
+import shutil
+import tempfile
+from pathlib import Path
+from unittest.mock import create_autospec
 
 import pytest
 import torch
 from torch import nn
 
 import models.zoo  # noqa: F401  (registers the spiking networks with timm)
-from train.config import load_config
+from data_pipelines.meta import Meta
+from train.checkpoints import FORMAT_VERSION, READABLE_VERSIONS, CheckpointFormatError
+from train.config import changed_keys, load_config, to_dict
 from train.distributed import DistEnv
-from train.engine import build_loss, build_model
+from train.engine import build_loss, build_model, build_optimizer, build_scheduler
 from train.loop import REQUEUE_EXIT_CODE, Parts, Trainer
+from train.strategies import TorchStrategy
+from train.tracking import Tracker
+from train.tracking.protocol import RunTracker
 from tests.train.trainrun import DEMO
 
-META = {"num_classes": 10, "in_chans": 1, "image_size": 8}
+META = Meta(dataset="digits", num_classes=10, classes=[str(c) for c in range(10)], in_chans=1,
+            counts={"train": 32, "val": 32}, height=8, width=8)
 BATCHES, BATCH = 8, 4  # micro-batches per epoch, images per micro-batch
 
 
@@ -78,21 +92,31 @@ class Strategy:
         return self.module.state_dict()
 
 
-class Tracker:
-    run_id = "fake-run"
+class Recorded:
+    """A tracker built from the real `Tracker`'s interface (`create_autospec`: a call the real
+    one lacks, or with arguments it does not take, fails the test), recording what was logged."""
 
     def __init__(self):
         self.metrics: dict[int, dict[str, float]] = {}
         self.status = None
+        self.tracker = create_autospec(Tracker, instance=True)
+        self.tracker.run_id = "fake-run"
+        self.tracker.log_metrics.side_effect = lambda metrics, step: self.metrics.setdefault(step, {}).update(metrics)
+        self.tracker.close.side_effect = self._close
 
-    def log_metrics(self, metrics, step):
-        self.metrics.setdefault(step, {}).update(metrics)
-
-    def close(self, status="FINISHED"):
+    def _close(self, status="FINISHED"):
         self.status = status
 
-    def __getattr__(self, name):  # flush, log_artifact, log_model, charts: nothing to record
-        return lambda *args, **kwargs: None
+
+def test_the_real_tracker_has_every_call_of_the_loops_tracker_protocol_with_its_signature():
+    def parameters(f):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]
+
+    calls = [n for n, v in vars(RunTracker).items() if not n.startswith("_") and callable(v)]
+    assert {"log_metrics", "flush", "close", "log_model"} <= set(calls)
+    for name in calls:
+        assert parameters(getattr(Tracker, name)) == parameters(getattr(RunTracker, name)), name
+    assert isinstance(vars(Tracker)["run_id"], property)
 
 
 class Stop:
@@ -104,19 +128,28 @@ class Stop:
         return "SIGUSR2" if self.after is not None and len(self.loader.seen) >= self.after else None
 
 
-def trainer(tmp_path, *overrides: str, loader: Loader | None = None):
+def trainer(tmp_path, *overrides: str, loader: Loader | None = None, cli_keys: set[str] = frozenset(),
+            real_strategy: bool = False):
+    """A Trainer on the fake loader and tracker; its strategy the fake one, or with
+    `real_strategy` the one `python -m train` builds (SGD, schedule, grad scaler)."""
     cfg = load_config([DEMO], [f"run.root={tmp_path}", "optim.epochs=2", "optim.warmup_epochs=0",
                                "tracking.log_every_steps=1", "train.checkpoint_every_steps=0", *overrides])
     torch.manual_seed(0)
     model = build_model(cfg, META)
-    tracker = Tracker()
+    tracker = Recorded()
     loader = loader or Loader()
     loss = build_loss(cfg, None)
-    parts = Parts(model=model, strategy=Strategy(model), train_loader=loader, val_loader=Loader(),
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    if real_strategy:
+        optimizer = build_optimizer(cfg, model)
+        strategy = TorchStrategy(cfg, env, model, optimizer, build_scheduler(cfg, optimizer, BATCHES))
+    else:
+        strategy = Strategy(model)
+    parts = Parts(model=model, strategy=strategy, train_loader=loader, val_loader=Loader(),
                   train_loss=lambda logits, y: loss(logits, y) * (math.nan if loader.poisoned() else 1.0),
-                  open_tracker=lambda run_id, forked: tracker,
+                  open_tracker=lambda run_id, forked: tracker.tracker,
                   fresh_model=lambda: build_model(cfg, META))
-    return Trainer(cfg, DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), parts), tracker
+    return Trainer(cfg, env, parts, cli_keys), tracker
 
 
 def test_each_step_runs_its_micro_batches_and_syncs_only_the_last(tmp_path):
@@ -166,3 +199,48 @@ def test_resuming_with_a_changed_config_names_the_key(tmp_path, changed):
     from train.config import ConfigError
     with pytest.raises(ConfigError, match="optim.lr"):
         again.fit(Stop())
+
+
+# A checkpoint of every format version this release reads, as an older release wrote it: one epoch
+# of `trainer` (the demo's spiking_resnet_tiny on the fake loader, the strategy `python -m train`
+# builds: model, optimizer, schedule, grad scaler and train state), written by `write_fixture`.
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def write_fixture(version: int = FORMAT_VERSION) -> Path:
+    """Write the fixture of checkpoint format `version` (this release's) under FIXTURES, from a
+    temporary run: `python -c "from tests.train.test_loop import write_fixture; write_fixture()"`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t, _ = trainer(Path(tmp), "optim.epochs=1", real_strategy=True)
+        assert t.fit(Stop()) == 0
+        out = FIXTURES / f"checkpoint-format-{version}" / t.cfg.run.name / "checkpoints"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(t.run.checkpoints, out)
+    return out
+
+
+@pytest.mark.parametrize("version", READABLE_VERSIONS)
+def test_a_checkpoint_of_each_readable_format_version_resumes_where_it_stopped(tmp_path, version):
+    shutil.copytree(FIXTURES / f"checkpoint-format-{version}", tmp_path, dirs_exist_ok=True)
+    loader = Loader()
+    saved = torch.load(next((tmp_path / "demo-digits" / "checkpoints").glob("step-*.pt")), weights_only=True)
+    # Every key whose value changed since (where it was written, its epochs, new defaults) is named
+    # on the command line, as a user resuming after an upgrade does: the format is under test here.
+    current = to_dict(load_config([DEMO], [f"run.root={tmp_path}"]))
+    t, _ = trainer(tmp_path, loader=loader, cli_keys=set(changed_keys(saved["config"], current)) | {"optim.epochs"},
+                   real_strategy=True)
+    saved = saved["model"]
+    assert t.fit(Stop()) == 0
+    assert loader.seen == [(1, i) for i in range(BATCHES)]  # the second epoch only
+    assert t.ckpt.loaded.name == "step-000000008.pt" and t.state.global_step == 16
+    assert all(torch.isfinite(p).all() for p in t.p.model.parameters())
+    assert any(not torch.equal(saved[k], v) for k, v in t.p.model.state_dict().items())  # it trained on
+
+
+def test_a_checkpoint_of_a_format_version_this_release_cannot_read_is_refused_naming_it(tmp_path):
+    shutil.copytree(FIXTURES / f"checkpoint-format-{FORMAT_VERSION}", tmp_path, dirs_exist_ok=True)
+    (manifest,) = (tmp_path / "demo-digits" / "checkpoints").glob("step-*.json")
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": FORMAT_VERSION + 1}))
+    t, _ = trainer(tmp_path, real_strategy=True)
+    with pytest.raises(CheckpointFormatError, match=f"is checkpoint format version {FORMAT_VERSION + 1}; "):
+        t.fit(Stop())

@@ -31,7 +31,7 @@ def final_weights(root: Path) -> tuple[int, dict[str, torch.Tensor]]:
 def wait_for_checkpoint(root: Path, proc, min_step: int) -> int:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        steps = [int(p.stem.split("-")[1]) for p in (root / "demo-digits" / "checkpoints").glob("step-*.pt")]
+        steps = [int(p.stem.split("-")[1]) for p in (root / "demo-digits" / "checkpoints").glob("step-*.json")]
         if steps and max(steps) >= min_step:
             return max(steps)
         time.sleep(0.05)

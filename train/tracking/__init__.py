@@ -12,6 +12,7 @@ its key is skipped, so a resumed run continues its curves without duplicates or 
 
   config.py       TrackingConfig, constants, the tracking URI (stdlib only: the config schema's)
   tracker.py      Tracker, what the trainer calls
+  protocol.py     RunTracker, the Protocol the training loop is typed against (Tracker is it)
   worker.py       the journal and its background thread (backoff, flush, close)
   sender.py       the only code that talks to MLflow
   fallback.py     the fallback file, its replay and `python -m train.tracking replay`
