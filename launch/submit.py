@@ -77,7 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     req.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                      help="grid axis; repeat for more axes; the grid is one Slurm job array")
     req.add_argument("--study", action="store_true",
-                     help="sweep the config's study.grid (the functional-roles LIF variants) as well")
+                     help="also run every variant x seed of the config's study (study.preset or study.grid, "
+                          "study.seeds), each its own element")
     req.add_argument("--array-parallelism", type=int, default=256, help="sweep elements running at once")
     return p.parse_args(argv)
 
@@ -117,12 +118,15 @@ def sweep_grid(specs: list[str]) -> list[list[str]]:
 
 
 def sweep_specs(config: list[Path], overrides: list[str], sweeps: list[str], study: bool) -> list[str]:
-    """The --sweep axes, plus with `study` one axis per key of the config's `study.grid` (each
-    element then also evaluates itself when the config sets eval.after_train)."""
-    if not study:
-        return list(sweeps)
-    grid = load(config, overrides).study.grid
-    return [*sweeps, *(f"{key}={','.join(values)}" for key, values in grid.items())]
+    """The --sweep axes; with `study`, checked against the study's grid (`plan` crosses them with its
+    variants x seeds, study/grid.py; each element evaluates itself when eval.after_train is set)."""
+    if study:
+        axes = load(config, overrides).study.axes()
+        for spec in sweeps:
+            if spec.partition("=")[0] in axes:
+                raise SubmitError(f"--sweep {spec.partition('=')[0]} is given twice: it is an axis of the "
+                                  "config's study grid; set study.preset=custom and study.grid instead")
+    return list(sweeps)
 
 
 def choose_cluster(requested: str) -> str:
@@ -161,7 +165,8 @@ def load(config: list[Path], overrides: list[str]):
         raise SubmitError(str(e)) from None
 
 
-def plan(config: list[Path], overrides: list[str], grid: list[list[str]]) -> tuple[list[Element], str | None, object]:
+def plan(config: list[Path], overrides: list[str], grid: list[list[str]],
+         study: bool = False) -> tuple[list[Element], str | None, object]:
     """The runs to submit, the sweep id (None for one run) and the resolved base config.
 
     grid: the sweep's override sets (`sweep_grid`); [[]] for a single run.
@@ -169,6 +174,8 @@ def plan(config: list[Path], overrides: list[str], grid: list[list[str]]) -> tup
     same run directory, hence the same checkpoints and MLflow run.
     """
     base = load(config, overrides)
+    if study:
+        return study_plan(config, overrides, grid, base), base.run.name, base
     if grid == [[]]:
         pinned = f"run.name={base.run.name}"
         named = [o for o in overrides if o.startswith("run.name=")]
@@ -181,6 +188,25 @@ def plan(config: list[Path], overrides: list[str], grid: list[list[str]]) -> tup
         load(config, element.overrides)  # a bad sweep value fails here, before anything is queued
         elements.append(element)
     return elements, sweep_id, base
+
+
+def study_plan(config: list[Path], overrides: list[str], grid: list[list[str]], base) -> list[Element]:
+    """Every --sweep point x variant x seed of the study, named `<sweep>-<variant>-seed<seed>` and
+    tagged `sweep_id=<sweep>`, `variant` and `seed` (study/grid.py), the sweep being `<run.name>`, or
+    `<run.name>-<i>` for --sweep point i (each point is a study of its own): a resubmitted study
+    finds the same run directories, so finished runs are not trained again, and `python -m study
+    report --sweep-id <sweep>` reads them."""
+    from study.grid import study_runs  # the one place that names a study's runs
+
+    elements = []
+    for i, point in enumerate(grid):
+        sweep = base.run.name if grid == [[]] else f"{base.run.name}-{i}"
+        for run in study_runs(base.study, sweep, sweep):
+            element = Element(run.name, [*overrides, *point, *run.overrides])
+            if run.seed == base.study.seed_list()[0]:
+                load(config, element.overrides)  # a bad grid value fails here, before anything is queued
+            elements.append(element)
+    return elements
 
 
 def build_executor(args: argparse.Namespace, cluster: str, folder: Path, tasks_per_node: int,
@@ -230,7 +256,7 @@ def submit(args: argparse.Namespace) -> int:
     elif args.nodes > 1:
         raise SubmitError(f"--nodes {args.nodes} needs Slurm; --cluster {cluster} runs on this machine only")
 
-    elements, sweep_id, base = plan(config, args.overrides, grid)
+    elements, sweep_id, base = plan(config, args.overrides, grid, args.study)
     root = Path(base.run.root).resolve()
     folder = root / "sweeps" / sweep_id if sweep_id else root / elements[0].name / "submitit"
     folder.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ from typing import Any
 
 #: Each exported name -> the module that defines it.
 _EXPORTS = {
-    **dict.fromkeys(("NeuronConfig", "NeuronConfigError", "Reset", "Recurrence", "Surrogate"), "models.neuron_config"),
+    **dict.fromkeys(("NeuronConfig", "NeuronConfigError", "Leak", "Reset", "Recurrence", "Surrogate"),
+                    "models.neuron_config"),
     **dict.fromkeys(("LIF", "lif_multistep", "register_neuron_impl"), "models.neurons"),
     **dict.fromkeys(("TdBN", "fold_tdbn_into_conv"), "models.tdbn"),
     "SpikingMLP": "models.mlp",
@@ -28,6 +29,7 @@ _EXPORTS = {
 def model_names() -> list[str]:
     """The networks this package registers with timm (every family), sorted, read from timm's
     registry; ``models.names.MODEL_NAMES`` lists the same without importing anything."""
+    # Imported here, not at the top: importing the package stays light (no torch, timm, Triton).
     import timm
 
     import models.zoo  # noqa: F401  (registers them)
@@ -56,6 +58,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "NeuronConfig",
     "NeuronConfigError",
+    "Leak",
     "Reset",
     "Recurrence",
     "Surrogate",

@@ -23,10 +23,12 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_pipelines.common import DataError
+from data_pipelines.common import META_FILE, DataError
 from data_pipelines.config import DataConfig, check_data_config
-from models.names import CHECKPOINTING_MODES, MODEL_NAMES, OUTPUTS
-from models.neuron_config import NeuronConfig, NeuronConfigError
+from data_pipelines.registry import read_meta
+from data_pipelines.registry import spec as data_spec
+from models.names import CHECKPOINTING_MODES, FACTORY_FORM, MODEL_NAMES, OUTPUTS, is_factory_path
+from models.neuron_config import Leak, NeuronConfig, NeuronConfigError
 from train.tracking.config import TrackingConfig
 
 
@@ -64,7 +66,11 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = choice("spiking_resnet_tiny", *(n for n in MODEL_NAMES if n != "spiking_resnet_tiny"))  # models.zoo registers them
+    # A registered network (models.zoo), or a brought one: package.module:factory (models.foreign;
+    # imported when the model is built, so the launcher needs no access to it).
+    name: str = field(default="spiking_resnet_tiny", metadata={
+        "choices": ("spiking_resnet_tiny", *(n for n in MODEL_NAMES if n != "spiking_resnet_tiny")),
+        "or_factory": True})
     T: int = at_least(4)                # timesteps; DVS data brings its own T, which must match
     num_classes: int = at_least(0, 0)   # 0: take it from the dataset's meta.json
     in_chans: int = at_least(0, 0)      # 0: take it from the dataset's meta.json
@@ -118,6 +124,9 @@ class TrainConfig:
     keep_checkpoints: int = at_least(3)
     resume: str = choice("auto", "never")
     max_nonfinite_steps: int = at_least(5)  # consecutive non-finite losses before the run stops
+    # Seconds without a training step (an epoch-end validation and checkpoint included) after
+    # which every rank ends, one line naming the rank that stopped, exit code 3 for requeue.
+    hang_timeout_s: float = at_least(600.0, 1.0)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
@@ -128,7 +137,8 @@ class EvalConfig:
     Perturbation sizes are fractions of the input's valid range (pixel scale, before
     normalisation: 0.1 on CIFAR is 25.5 grey levels, on the digits 1.6 of 16), so one grid
     suits every image set; on DVS frames they are event counts per (frame, polarity, pixel).
-    Every random draw (noise, PGD start) is a function of (run.seed, measurement, batch, rank).
+    Every random draw (noise, PGD start) is a function of (run.seed, measurement, batch, rank);
+    the loss-landscape directions of run.seed alone (the same on every rank).
     """
     checkpoint: str = choice("best", "last")  # best_model.pt, or the newest step checkpoint
     batches: int = at_least(0, 0)       # validation batches per measurement; 0 = all
@@ -140,20 +150,69 @@ class EvalConfig:
     pgd_step_size: float = at_least(2.5, 0.0)  # per-step size as a multiple of eps / pgd_steps (Madry et al.)
     pgd_random_start: bool = True       # start PGD uniformly inside the eps ball
     pgd_best_iterate: bool = True       # each sample keeps its most damaging PGD iterate, not the last
+    image_attack: bool = False          # also FGSM/PGD at the field's image setting: eps 8/255, PGD 7 steps of 2/255
+    transfer_surrogate: str = choice("auto", "rectangular", "sigmoid", "atan", "triangle")  # PGD's gradient
+    #                                     through this surrogate (same weights); auto: atan, or sigmoid for an atan model
+    transfer_surrogate_width: float = at_least(0.0, 0.0)  # its width; 0 = its usual one (measure.USUAL_WIDTH)
+    flip_budgets: list[int] = field(default_factory=lambda: [10, 100], metadata={"each_minimum": 0})  # event/spike
+    #                                     input: spikes flipped per sample (flip_top1_<k>)
+    flip_rounds: int = at_least(5)      # gradient steps the flip budget is spread over
+    landscape_points: int = at_least(5, 0)  # loss curve: points each side of the trained weights; 0 = none
+    landscape_surface_points: int = at_least(3, 0)  # 2-D surface: points each side per axis; 0 = none
+    landscape_radius: float = at_least(1.0, 0.0)  # the step alpha spans [-r, r] (filter norms)
+    landscape_batches: int = at_least(2)  # validation batches per loss of the landscape
+    tsne_samples: int = at_least(300, 0)  # validation samples in the t-SNE plot; 0 = none
     stream_length: int = at_least(8)    # temporal data: samples fed back to back per stream
     after_train: bool = False           # `python -m train` evaluates the run when training ends
 
 
+# The functional-roles grids (Yin et al. 2024, ../shared/PAPER2.md). `paper`: its 12 variants;
+# `extended`: ours, adding soft reset and self/lateral recurrence (36 variants).
+STUDY_PRESETS: dict[str, dict[str, list[str]]] = {
+    "paper": {"model.neuron.leak": ["normal", "none", "complete"],
+              "model.neuron.reset": ["hard", "none"],
+              "model.neuron.recurrence": ["none", "full"]},
+    "extended": {"model.neuron.leak": ["normal", "none", "complete"],
+                 "model.neuron.reset": ["hard", "soft", "none"],
+                 "model.neuron.recurrence": ["none", "self", "lateral", "full"]},
+}
+
+
 @dataclass
 class StudyConfig:
-    """The functional-roles grid (Yin et al. 2024): `python -m study run` trains and evaluates
-    every point of it here, `python -m launch.submit --study` submits it as one job array.
-    Keys are config keys, values the settings to cross (a key kept at one value drops an axis)."""
-    grid: dict[str, list[str]] = field(default_factory=lambda: {
-        "model.neuron.leak": ["true", "false"],
-        "model.neuron.reset": ["hard", "soft", "none"],
-        "model.neuron.recurrence": ["none", "self", "lateral"],
-    })
+    """The functional-roles study: `python -m study run` trains and evaluates every variant x seed
+    here, `python -m launch.submit --study` submits them as one job array (see study/grid.py).
+
+    preset: paper | extended (STUDY_PRESETS) | custom (then `grid` is the grid: config keys ->
+    the values to cross; a key kept at one value drops an axis). seeds: a count n (seeds 0..n-1)
+    or a list of seeds; each variant x seed is its own run with `run.seed` set to the seed."""
+    preset: str = choice("paper", "extended", "custom")
+    grid: dict[str, list[str]] = field(default_factory=dict)
+    seeds: Any = 3
+
+    def axes(self) -> dict[str, list[str]]:
+        """The grid to cross: the preset's, or `grid` with preset custom."""
+        return dict(self.grid) if self.preset == "custom" else STUDY_PRESETS[self.preset]
+
+    def seed_list(self) -> list[int]:
+        """The seeds every variant runs with, in order."""
+        seeds = self.seeds
+        return list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+
+
+def _check_study(study: StudyConfig) -> None:
+    seeds = study.seeds
+    if isinstance(seeds, bool) or not (
+            (isinstance(seeds, int) and seeds >= 1)
+            or (isinstance(seeds, (list, tuple)) and seeds and all(isinstance(s, int) and not isinstance(s, bool)
+                                                                   and s >= 0 for s in seeds)
+                and len(set(seeds)) == len(seeds))):
+        raise ConfigError(f"config key 'study.seeds': a count >= 1 or a list of distinct seeds >= 0, got {seeds!r}")
+    if study.preset == "custom" and not study.grid:
+        raise ConfigError("config key 'study.grid': study.preset=custom needs a grid (config key -> values)")
+    if study.preset != "custom" and study.grid:
+        raise ConfigError(f"config key 'study.grid': used only with study.preset=custom (the preset is "
+                          f"{study.preset}); set study.preset=custom or drop the grid")
 
 
 @dataclass
@@ -198,6 +257,7 @@ def load_config(paths: str | Path | list[str | Path] | None, overrides: list[str
         key, _, problem = str(e).partition(": ")
         raise ConfigError(f"config key 'model.{key}': {problem}") from None
     _check_choices(cfg)
+    _check_study(cfg.study)
     _check_combinations(cfg)
     return cfg
 
@@ -213,25 +273,27 @@ def _check_combinations(cfg: Config) -> None:
     if o.loss == "tet" and cfg.model.output != "per_step":
         raise ConfigError("config key 'optim.loss': tet needs every step's output; set model.output=per_step")
     if o.mixup_alpha > 0 or o.cutmix_alpha > 0:
-        if cfg.data.dataset in ("dvs", "seqdigits"):
+        if data_spec(cfg.data.dataset).kind != "image":
             raise ConfigError(f"config keys 'optim.mixup_alpha'/'optim.cutmix_alpha': mixup applies to image "
                               f"data sets, not {cfg.data.dataset}; set them to 0")
         if cfg.data.batch_size % 2:
             raise ConfigError(f"config key 'data.batch_size': mixup needs an even batch size, got {cfg.data.batch_size}")
     if o.min_lr > o.lr:
         raise ConfigError(f"config key 'optim.min_lr': {o.min_lr} is above optim.lr={o.lr}")
-    try:
-        meta = json.loads((Path(cfg.data.path) / "meta.json").read_text())
-    except (OSError, ValueError):
+    if not (Path(cfg.data.path) / META_FILE).is_file():
         return  # not built yet, or on the cluster's file system only: the loader says so there
-    if meta.get("dataset") not in (None, cfg.data.dataset):
+    try:
+        meta = read_meta(cfg.data.path, cfg.data.dataset)
+    except DataError as e:
+        raise ConfigError(f"config key 'data.path': {e}") from None
+    if meta.dataset != cfg.data.dataset:
         raise ConfigError(f"config key 'data.dataset': {cfg.data.dataset}, but {cfg.data.path} holds "
-                          f"{meta['dataset']}; point data.path at a {cfg.data.dataset} build")
-    steps = meta.get("T")
+                          f"{meta.dataset}; point data.path at a {cfg.data.dataset} build")
+    steps = meta.T
     if steps and steps != cfg.model.T:  # sequences run their own T: the logged T must be it
         raise ConfigError(f"config key 'model.T': {cfg.model.T}, but {cfg.data.path} holds sequences of "
                           f"{steps} steps; set model.T={steps} (or rebuild the data with {cfg.model.T} steps)")
-    samples = meta.get("counts", {}).get("train")
+    samples = meta.counts.get("train")
     if samples and cfg.data.batch_size * o.accumulate > samples:
         key = "optim.accumulate" if o.accumulate > 1 else "data.batch_size"
         raise ConfigError(f"config key '{key}': data.batch_size {cfg.data.batch_size} x optim.accumulate "
@@ -254,9 +316,11 @@ def _check_choices(node: Any, prefix: str = "") -> None:
             _check_choices(value, key + ".")
         elif any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
             raise ConfigError(f"config key '{key}': must be a finite number, got {value}")
-        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+        elif "choices" in f.metadata and value not in f.metadata["choices"] and not (
+                f.metadata.get("or_factory") and is_factory_path(value)):
             allowed = ", ".join(map(str, f.metadata["choices"]))
-            raise ConfigError(f"config key '{key}': {value!r} is not one of: {allowed}")
+            also = f" (or a brought network's {FACTORY_FORM})" if f.metadata.get("or_factory") else ""
+            raise ConfigError(f"config key '{key}': {value!r} is not one of: {allowed}{also}")
         elif "each_minimum" in f.metadata and any(v < f.metadata["each_minimum"] for v in value):
             raise ConfigError(f"config key '{key}': every value must be >= {f.metadata['each_minimum']}, "
                               f"got {list(value)}")
@@ -302,8 +366,11 @@ def flat_items(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two resolved configs. A key the saved config
     lacks (added to the schema after that run started) counts as unchanged while the current
-    value is its default: the run behaved that way."""
+    value is its default: the run behaved that way. An older spelling of a value is the value:
+    `leak: true` / `false` (saved before leak had three levels) is today's `normal` / `none`."""
     a, b = flat_items(saved), flat_items(current)
+    if "model.neuron.leak" in a:
+        a["model.neuron.leak"] = str(Leak.parse(a["model.neuron.leak"]))
     defaults = flat_items(to_dict(Config()))
     for k in b.keys() - a.keys():
         if k in defaults:

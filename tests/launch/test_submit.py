@@ -97,16 +97,20 @@ def test_plan_fixes_run_names_and_tags_each_sweep_element(tmp_path):
         assert f"run.name={e.name}" in e.overrides and f"tracking.tags.sweep_id={sweep_id}" in e.overrides
 
 
-def test_study_sweeps_the_configs_functional_roles_grid(tmp_path):
+def test_study_submits_every_variant_and_seed_of_the_configs_grid(tmp_path):
     configs = [REPO / "configs/cifar10_resnet19.yaml", REPO / "configs/ablation_functional_roles.yaml"]
-    grid = sweep_grid(sweep_specs(configs, [f"run.root={tmp_path}"], [], study=True))
-    assert len(grid) == 18 and len({tuple(p) for p in grid}) == 18
-    assert {p[0] for p in grid} == {"model.neuron.leak=true", "model.neuron.leak=false"}
-    assert {p[2] for p in grid} == {f"model.neuron.recurrence={r}" for r in ("none", "self", "lateral")}
-    with_lr = sweep_grid(sweep_specs(configs, [], ["optim.lr=0.1,0.2"], study=True))
-    assert len(with_lr) == 36
+    overrides = [f"run.root={tmp_path}"]
+    elements, sweep_id, _ = plan(configs, overrides, sweep_grid(sweep_specs(configs, overrides, [], study=True)), study=True)
+    assert len(elements) == 12 * 5 and len({e.name for e in elements}) == 60 and sweep_id == "ablation"
+    first = elements[0]
+    assert first.name == "ablation-leak=normal,reset=hard,recurrence=none-seed0"
+    assert {"model.neuron.leak=normal", "run.seed=0", f"run.name={first.name}", "tracking.tags.sweep_id=ablation",
+            "tracking.tags.variant='leak=normal,reset=hard,recurrence=none'"} <= set(first.overrides)
+    with_lr, _, _ = plan(configs, overrides, sweep_grid(sweep_specs(configs, [], ["optim.lr=0.1,0.2"], study=True)), study=True)
+    assert len(with_lr) == 120 and with_lr[-1].name == "ablation-1-leak=complete,reset=none,recurrence=full-seed4"
+    assert "tracking.tags.sweep_id=ablation-1" in with_lr[-1].overrides  # each --sweep point is a study of its own
     with pytest.raises(SubmitError, match="given twice"):
-        sweep_grid(sweep_specs(configs, [], ["model.neuron.reset=hard"], study=True))
+        sweep_specs(configs, [], ["model.neuron.reset=hard"], study=True)
     assert sweep_specs(configs, [], ["optim.lr=0.1"], study=False) == ["optim.lr=0.1"]
 
 

@@ -94,10 +94,27 @@ def test_neuron_setting_from_the_command_line_is_one_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_sequence_data_of_another_length_than_model_T_is_refused(tmp_path):
-    data = tmp_path / "seqdigits"
-    assert run_module("data_pipelines.build", "seqdigits", "--out", str(data)).returncode == 0
-    done = train("model.T=4", f"data.path={data}", f"run.root={tmp_path}", config="configs/study_seqdigits.yaml")
+def test_sequence_data_of_another_length_than_model_T_is_refused(seqdigits_dir, tmp_path):
+    done = train("model.T=4", f"data.path={seqdigits_dir}", f"run.root={tmp_path}", config="configs/study_seqdigits.yaml")
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: config key 'model.T': 4, but") and "model.T=8" in line
+
+
+@pytest.mark.parametrize("yaml_leak, override, level", [
+    ("true", None, "normal"), ("false", None, "none"), (None, "model.neuron.leak=false", "none"),
+    (None, "model.neuron.leak=true", "normal"), (None, "model.neuron.leak=complete", "complete"),
+])
+def test_leak_reads_the_booleans_of_older_configs_as_levels(tmp_path, yaml_leak, override, level):
+    path = tmp_path / "old.yaml"
+    path.write_text(f"model:\n  neuron:\n    leak: {yaml_leak}\n" if yaml_leak else "run:\n  seed: 0\n")
+    cfg = load_config(path, [override] if override else [])
+    assert cfg.model.neuron.leak == level and to_dict(cfg)["model"]["neuron"]["leak"] == level
+
+
+def test_a_resumed_run_saved_with_leak_true_or_false_is_unchanged():
+    for old, new in ((True, "normal"), ("false", "none")):
+        saved = to_dict(load_config(DEMO, [f"model.neuron.leak={new}"]))
+        saved["model"]["neuron"]["leak"] = old  # as a run started before leak had three levels saved it
+        assert changed_keys(saved, to_dict(load_config(DEMO, [f"model.neuron.leak={new}"]))) == []
+        assert changed_keys(saved, to_dict(load_config(DEMO, ["model.neuron.leak=complete"]))) == ["model.neuron.leak"]
