@@ -19,6 +19,7 @@ MODEL_NAMES = (
     "meta_spikeformer_8_256",
     "meta_spikeformer_8_384",
     "meta_spikeformer_8_512",
+    "meta_spikeformer_cifar_8_256",
     "ms_resnet18",
     "ms_resnet34",
     "qkformer_10_384",
