@@ -183,6 +183,8 @@ class Checkpointer:
                     decision = CheckpointError(
                         f"no usable checkpoint in {self.dir} (each is named above); move the directory "
                         "away to start from step 0, or restore a copy")
+                elif found is None:
+                    self._refuse_legacy()
             except CheckpointFormatError as e:  # refused on every rank, not only on rank 0
                 decision = e
         decision = distributed.broadcast_object(decision)
@@ -210,6 +212,21 @@ class Checkpointer:
         if self.train_state is not None:
             self.train_state.load_state_dict(state)
         return state
+
+    def _refuse_legacy(self) -> None:
+        """Raise CheckpointFormatError when an uncommitted step file is a whole checkpoint of a
+        release before format 1 (it has no manifest and no format version): starting from step 0
+        would prune it, losing the run. Debris of our own cut-short first write (unreadable, or
+        carrying a format version) is left to the fresh start."""
+        for path in (self.state_path(s) for s in self.steps()):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # a torn write of this release: debris
+                continue
+            if isinstance(state, dict) and "format_version" not in state:
+                raise CheckpointFormatError(
+                    f"{path} was written before checkpoint format {FORMAT_VERSION} (it has no manifest); "
+                    f"resume it with the release that wrote it, or move {self.dir} away to start from step 0")
 
     # ------------------------------------------------------------------ reading
     def newest(self) -> CheckpointSummary | None:

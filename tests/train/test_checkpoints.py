@@ -149,6 +149,20 @@ def test_debris_of_a_first_checkpoint_never_committed_is_a_fresh_start_with_one_
     assert "no manifest" in capsys.readouterr().err
 
 
+def test_a_checkpoint_of_a_release_before_manifests_is_refused_and_kept_not_pruned(tmp_path):
+    """A whole checkpoint without manifest or format version (written before format 1) must not
+    be taken for debris: a fresh start would prune it and lose the run."""
+    ckpt = RunDir(tmp_path).checkpointer(keep=1)
+    ckpt.dir.mkdir(parents=True)
+    legacy = ckpt.dir / "step-000000044.pt"
+    torch.save({"model": {"w": torch.ones(3)}, "global_step": 44}, legacy)
+    with pytest.raises(CheckpointFormatError) as refused:
+        ckpt.load()
+    (line,) = str(refused.value).splitlines()
+    assert "step-000000044.pt was written before checkpoint format 1" in line and "move" in line
+    assert legacy.is_file()
+
+
 def test_a_step_written_again_after_a_fall_back_replaces_the_broken_one_and_later_debris(tmp_path, capsys):
     ckpt = RunDir(tmp_path).checkpointer(keep=3)
     for step in (2, 3, 5):
